@@ -1,0 +1,32 @@
+"""Image files: opening them the way every part of gmner sees them.
+
+EXIF orientation is applied, so sizes and boxes refer to the image as displayed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+
+__all__ = ["image_size"]
+
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+_EXIF_ORIENTATION = 0x0112
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file after EXIF orientation, reading only its header."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except FileNotFoundError:
+        raise InputError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from None
+    if orientation in _TRANSPOSED_ORIENTATIONS:
+        return height, width
+    return width, height

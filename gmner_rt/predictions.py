@@ -1,0 +1,59 @@
+"""The predictions file: JSONL of ``{"img_id": "...", "output": "<model text>"}``.
+
+Boxes in ``output`` are in ORIGINAL image pixels. Written by evaluation runs, read by
+``gmner eval --pred``. This module knows nothing about models or metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from .errors import InputError
+
+__all__ = ["read_predictions", "write_predictions"]
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """Model outputs by image id. Errors name the file, the line and the problem."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{path}: predictions file not found") from None
+    outputs: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected an object with img_id and output")
+        img_id, output = row.get("img_id"), row.get("output")
+        if not isinstance(img_id, str) or not img_id:
+            raise InputError(f"{where}: field img_id must be a non-empty string, got {img_id!r}")
+        if not isinstance(output, str):
+            raise InputError(f"{where}: field output must be a string, got {type(output).__name__}")
+        if img_id in outputs:
+            raise InputError(f"{where}: img_id {img_id!r} appears twice")
+        outputs[img_id] = output
+    return outputs
+
+
+def write_predictions(
+    path: str | Path, outputs: Mapping[str, str] | Iterable[tuple[str, str]], **extra: object
+) -> None:
+    """Write outputs atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    items = outputs.items() if isinstance(outputs, Mapping) else outputs
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for img_id, output in items:
+            f.write(json.dumps({"img_id": img_id, "output": output, **extra}, ensure_ascii=False))
+            f.write("\n")
+    os.replace(tmp, path)

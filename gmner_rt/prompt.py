@@ -1,0 +1,49 @@
+"""The task prompt: the instruction text and the chat messages built from it.
+
+Training data, training-time evaluation and the runtime build their prompts here, so a model
+always sees the same words. Rendering messages to token ids is the tokenizer's job, not this
+module's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["SYSTEM_PROMPT", "instruction", "user_message", "assistant_message"]
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+_TASK = (
+    "Perform grounded multimodal named entity recognition on the text and the image.\n"
+    "Find every named entity in the text and give its type, one of {labels}.\n"
+    "For each entity, output `entity|type|[x1,y1,x2,y2]` with its box in the image if the image "
+    "shows it (several boxes as `[[x1,y1,x2,y2],[x1,y1,x2,y2]]`), otherwise `entity|type|None`.\n"
+    "Separate results with `; `, or output `None` if the text has no entity.\n"
+)
+_WITH_THINK = (
+    "First reason briefly inside <think></think> about what the image shows and what each "
+    "name refers to, then give the results inside <answer></answer>.\n"
+)
+_ANSWER_ONLY = "Give the results inside <answer></answer>.\n"
+
+
+def instruction(text: str, labels: Sequence[str], *, think: bool = True) -> str:
+    """The user instruction for one tweet."""
+    head = _TASK.format(labels=", ".join(labels)) + (_WITH_THINK if think else _ANSWER_ONLY)
+    return f"{head}\nText: {text}"
+
+
+def user_message(image: object, text: str, labels: Sequence[str], *, think: bool = True) -> dict:
+    """A chat ``user`` turn with one image (a path, URL or image object) and the instruction."""
+    return {
+        "role": "user",
+        "content": [
+            {"type": "image", "image": image},
+            {"type": "text", "text": instruction(text, labels, think=think)},
+        ],
+    }
+
+
+def assistant_message(target: str) -> dict:
+    """A chat ``assistant`` turn holding a training target."""
+    return {"role": "assistant", "content": [{"type": "text", "text": target}]}

@@ -1,0 +1,80 @@
+"""``gmner data``: dataset statistics and training JSONL.
+
+``gmner data stats DIR`` prints per split: tweets, entities, groundable entities, boxes and XML
+objects, by type. ``gmner data sft DIR --images IMGDIR --out OUTDIR [--cot FILE]`` writes the
+training rows of :mod:`gmner.train.sft`. Neither needs torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from gmner_rt.data import available_splits, load_split, split_stats
+from gmner_rt.errors import DataError
+
+from .sft import PAPER_MAX_PIXELS, PAPER_MIN_PIXELS, SftConfig, write_sft
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    stats = sub.add_parser("stats", help="per-split counts of tweets, entities and boxes")
+    stats.add_argument("dir", type=Path, help="Twitter-GMNER folder (txt/ and xml/)")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    sft = sub.add_parser("sft", help="write training JSONL (chat messages + targets)")
+    sft.add_argument("dir", type=Path, help="Twitter-GMNER folder (txt/ and xml/)")
+    sft.add_argument("--images", type=Path, action="append", required=True,
+                     help="image folder (repeat for several, e.g. twitter2015 and twitter2017)")
+    sft.add_argument("--out", type=Path, required=True, help="output folder")
+    sft.add_argument("--cot", type=Path, help="reasoning JSONL (gmner cot or E2E-GMNER format)")
+    sft.add_argument("--split", action="append", dest="splits",
+                     help="split to write (repeatable; default: every split present)")
+    sft.add_argument("--min-pixels", type=int, default=PAPER_MIN_PIXELS)
+    sft.add_argument("--max-pixels", type=int, default=PAPER_MAX_PIXELS)
+    sft.add_argument("--skip-missing-images", action="store_true",
+                     help="leave out tweets whose image is missing (reported as a count)")
+
+
+def stats_table(stats: dict[str, dict]) -> str:
+    head = f"{'split':<8}{'tweets':>8}{'entities':>10}{'groundable':>12}{'boxes':>8}{'xml obj':>9}"
+    rows = [head]
+    for split, s in stats.items():
+        rows.append(f"{split:<8}{s['tweets']:>8}{s['entities']:>10}{s['groundable']:>12}"
+                    f"{s['boxes']:>8}{s['xml_objects']:>9}")
+        for etype, t in s["by_type"].items():
+            rows.append(f"  {etype:<6}{'':>8}{t['entities']:>10}{t['groundable']:>12}"
+                        f"{t['boxes']:>8}")
+    return "\n".join(rows)
+
+
+def run_stats(data_dir: Path, as_json: bool) -> str:
+    splits = available_splits(data_dir)
+    if not splits:
+        raise DataError(f"{data_dir}: no split files (expected txt/train.txt, txt/dev.txt, ...)")
+    stats = {split: split_stats(load_split(data_dir, split)) for split in splits}
+    return json.dumps(stats, indent=2) if as_json else stats_table(stats)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.data_command == "stats":
+        sys.stdout.write(run_stats(args.dir, args.json) + "\n")
+        return 0
+    cfg = SftConfig(
+        image_dirs=tuple(args.images),
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        skip_missing_images=args.skip_missing_images,
+    )
+    splits = args.splits or available_splits(args.dir)
+    reports = write_sft(args.dir, args.out, splits, cfg, args.cot)
+    for split, r in reports.items():
+        log.info("%s: %d rows (%d with reasoning), %d missing images, %d size mismatches -> %s",
+                 split, r.rows, r.with_think, r.missing_images, r.size_mismatch,
+                 args.out / f"{split}.jsonl")
+    return 0
