@@ -217,9 +217,7 @@ def read_voc(path: str | Path) -> VocAnnotation:
         )
         box = (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
         if size is not None:
-            clipped = (
-                max(0, box[0]), max(0, box[1]), min(size[0], box[2]), min(size[1], box[3])
-            )
+            clipped = (max(0, box[0]), max(0, box[1]), min(size[0], box[2]), min(size[1], box[3]))
             if clipped != box:
                 log.warning("%s: box %s clipped to the image size %s", where, box, size)
             box = clipped
@@ -268,7 +266,9 @@ def build_tweet(
         mention = text[char_span[0] : char_span[1]]
         boxes = by_name.get(surface) or by_name.get(mention)
         entities.append(
-            Entity(mention, label, (start, end), char_span, surface, tuple(boxes) if boxes else None)
+            Entity(
+                mention, label, (start, end), char_span, surface, tuple(boxes) if boxes else None
+            )
         )
     return Tweet(
         img_id=img_id,
@@ -285,9 +285,7 @@ def _split_file(root: Path, split: str) -> Path:
     for candidate in (root / "txt" / f"{split}.txt", root / f"{split}.txt"):
         if candidate.is_file():
             return candidate
-    raise DataError(
-        f"{root}: no {split!r} split (looked for txt/{split}.txt and {split}.txt)"
-    )
+    raise DataError(f"{root}: no {split!r} split (looked for txt/{split}.txt and {split}.txt)")
 
 
 def load_split(root: str | Path, split: str) -> list[Tweet]:

@@ -24,7 +24,7 @@ This module knows nothing about images, tokenizers or models.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .geometry import Box
@@ -53,11 +53,14 @@ _BAR_VARIANTS = frozenset("|｜│￨∣")
 _RECORD_SEPARATORS = frozenset(";；\n\r")
 _ESCAPED = _BAR_VARIANTS | frozenset(";；\\")
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-_TYPE_RE = re.compile(r"^\w[\w\-.]*$")
+_TYPE_RE = re.compile(r"^\w[\w\-.]*\Z")  # \Z: "$" would accept "PER\n"
 _REGION_CHARS_RE = re.compile(r"^[\s\d.,+\-\[\]()]*$")
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")
 _INNER_LIST_RE = re.compile(r"[\[(]([^\[\]()]*)[\])]")
 _NONE_WORDS = frozenset({"none", "null", "n/a"})
+#: Lower-cases ASCII only: ``str.lower`` turns "\u0130" into two characters, which would shift
+#: the offsets found in the lowered text against the original one.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,13 @@ class EntityRecord:
             )
         if self.boxes is not None:
             object.__setattr__(self, "boxes", _check_boxes(self.boxes))
+
+    def map_boxes(self, fn: Callable[[Box], Box]) -> EntityRecord:
+        """The same record with ``fn`` applied to every box (a record without boxes is returned
+        as it is)."""
+        if self.boxes is None:
+            return self
+        return EntityRecord(self.mention, self.type, tuple(fn(b) for b in self.boxes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +192,7 @@ def _find(low: str, tag: str, start: int = 0) -> int:
 
 def _split_tags(text: str) -> tuple[str | None, str | None, bool]:
     """Split raw model text into (think, answer text, answer closed)."""
-    low = text.lower()
+    low = text.translate(_ASCII_LOWER)
     t_open = _find(low, "<think>")
     t_close = _find(low, "</think>", max(t_open, 0))
     a_open = _find(low, "<answer>", t_close if t_close >= 0 else 0)
@@ -258,7 +268,10 @@ def _parse_region(region: str) -> tuple[Box, ...] | None | bool:
         numbers = _NUMBER_RE.findall(inner)
         if not numbers or len(numbers) % 4:
             return False
-        values = [int(round(float(v))) for v in numbers]
+        try:  # integers exactly (floats lose precision past 2**53); overflow is unreadable
+            values = [int(v) if "." not in v else int(round(float(v))) for v in numbers]
+        except (OverflowError, ValueError):
+            return False
         boxes.extend(tuple(values[k : k + 4]) for k in range(0, len(values), 4))  # type: ignore[misc]
     return tuple(boxes) if boxes else False
 
@@ -302,4 +315,3 @@ def parse_output(text: str | None) -> ParsedOutput:
         return ParsedOutput(think, (), (), answer_found=False, answer_closed=False)
     records, malformed = parse_answer(answer)
     return ParsedOutput(think, records, malformed, answer_found=True, answer_closed=closed)
-

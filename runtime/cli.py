@@ -21,6 +21,12 @@ log = logging.getLogger("gmner")
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("gmner.train.data_cli", "Twitter-GMNER data: statistics and training JSONL"),
     "eval": ("gmner.runtime.evaluate", "score predictions with the GMNER / MNER / EEG metrics"),
+    "train": ("gmner.train.cli", "LoRA fine-tuning of Qwen2.5-VL with GRBP and CoT targets"),
+    "tiny-model": (
+        "gmner.train.tiny_model",
+        "write a random-weight Qwen2.5-VL checkpoint with a local tokenizer",
+    ),
+    "cot": ("gmner.train.cot", "write teacher chain-of-thought for training tweets (OpenAI API)"),
 }
 
 

@@ -25,9 +25,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="Twitter-GMNER folder")
     parser.add_argument("--split", default="test", help="split to score (default: test)")
     parser.add_argument("--pred", type=Path, help="JSONL of {img_id, output}, boxes in pixels")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="hindex",
-                        help="hindex (default, design.md) or e2e (the E2E-GMNER reference)")
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="hindex",
+        help="hindex (default, design.md) or e2e (the E2E-GMNER reference)",
+    )
     parser.add_argument("--json", type=Path, help="also write the scores as JSON here")
+    ckpt = parser.add_argument_group("score a checkpoint (needs the train extra)")
+    ckpt.add_argument("--model", type=Path, help="base Qwen2.5-VL directory")
+    ckpt.add_argument("--adapter", type=Path, help="LoRA adapter (a run's best/ or a checkpoint)")
+    ckpt.add_argument("--images", type=Path, action="append", help="image folder (repeatable)")
+    ckpt.add_argument("--out", type=Path, help="where to write the predictions JSONL")
+    ckpt.add_argument("--max-new-tokens", type=int, default=512)
+    ckpt.add_argument("--device", default="auto")
 
 
 def score_file(data: Path, split: str, pred: Path, protocol: str = "hindex") -> EvalReport:
@@ -54,8 +65,10 @@ def format_report(report: EvalReport) -> str:
         )
     for etype, tasks in sorted(report.by_type.items()):
         g, m = tasks["gmner"], tasks["mner"]
-        rows.append(f"  {etype:<6} GMNER F1 {100 * g.f1:6.2f}  MNER F1 {100 * m.f1:6.2f}"
-                    f"  (gold {g.gold}, pred {g.predicted})")
+        rows.append(
+            f"  {etype:<6} GMNER F1 {100 * g.f1:6.2f}  MNER F1 {100 * m.f1:6.2f}"
+            f"  (gold {g.gold}, pred {g.predicted})"
+        )
     rows.append(
         f"protocol {report.protocol}; {report.tweets} tweets, {report.missing} without a "
         f"prediction; {report.malformed} malformed segment(s)"
@@ -64,9 +77,30 @@ def format_report(report: EvalReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.pred is None:
-        raise InputError("gmner eval needs --pred FILE (a JSONL of {img_id, output})")
-    report = score_file(args.data, args.split, args.pred, args.protocol)
+    if args.model is not None:
+        if args.pred is not None:
+            raise InputError("give either --pred or --model, not both")
+        if not args.images:
+            raise InputError("--model needs --images IMGDIR")
+        from gmner.train.evaluate import evaluate_checkpoint
+
+        pred = args.out or Path(f"{args.split}_pred.jsonl")
+        report = evaluate_checkpoint(
+            args.model,
+            args.adapter,
+            args.data,
+            args.split,
+            args.images,
+            pred_path=pred,
+            protocol=args.protocol,
+            max_new_tokens=args.max_new_tokens,
+            device=args.device,
+        )
+        log.info("predictions written to %s", pred)
+    elif args.pred is not None:
+        report = score_file(args.data, args.split, args.pred, args.protocol)
+    else:
+        raise InputError("gmner eval needs --pred FILE or --model DIR [--adapter DIR]")
     sys.stdout.write(format_report(report) + "\n")
     if args.json:
         args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")

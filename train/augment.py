@@ -206,16 +206,7 @@ def perturb_records(
     records = tuple(records)
     if not cfg.enabled:
         return records
-    return tuple(
-        record
-        if record.boxes is None
-        else EntityRecord(
-            record.mention,
-            record.type,
-            tuple(perturb_box(b, image_size, cfg, rng) for b in record.boxes),
-        )
-        for record in records
-    )
+    return tuple(r.map_boxes(lambda b: perturb_box(b, image_size, cfg, rng)) for r in records)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

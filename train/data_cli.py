@@ -29,27 +29,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sft = sub.add_parser("sft", help="write training JSONL (chat messages + targets)")
     sft.add_argument("dir", type=Path, help="Twitter-GMNER folder (txt/ and xml/)")
-    sft.add_argument("--images", type=Path, action="append", required=True,
-                     help="image folder (repeat for several, e.g. twitter2015 and twitter2017)")
+    sft.add_argument(
+        "--images",
+        type=Path,
+        action="append",
+        required=True,
+        help="image folder (repeat for several, e.g. twitter2015 and twitter2017)",
+    )
     sft.add_argument("--out", type=Path, required=True, help="output folder")
     sft.add_argument("--cot", type=Path, help="reasoning JSONL (gmner cot or E2E-GMNER format)")
-    sft.add_argument("--split", action="append", dest="splits",
-                     help="split to write (repeatable; default: every split present)")
+    sft.add_argument(
+        "--split",
+        action="append",
+        dest="splits",
+        help="split to write (repeatable; default: every split present)",
+    )
     sft.add_argument("--min-pixels", type=int, default=PAPER_MIN_PIXELS)
     sft.add_argument("--max-pixels", type=int, default=PAPER_MAX_PIXELS)
-    sft.add_argument("--skip-missing-images", action="store_true",
-                     help="leave out tweets whose image is missing (reported as a count)")
+    sft.add_argument(
+        "--skip-missing-images",
+        action="store_true",
+        help="leave out tweets whose image is missing (reported as a count)",
+    )
 
 
 def stats_table(stats: dict[str, dict]) -> str:
     head = f"{'split':<8}{'tweets':>8}{'entities':>10}{'groundable':>12}{'boxes':>8}{'xml obj':>9}"
     rows = [head]
     for split, s in stats.items():
-        rows.append(f"{split:<8}{s['tweets']:>8}{s['entities']:>10}{s['groundable']:>12}"
-                    f"{s['boxes']:>8}{s['xml_objects']:>9}")
+        rows.append(
+            f"{split:<8}{s['tweets']:>8}{s['entities']:>10}{s['groundable']:>12}"
+            f"{s['boxes']:>8}{s['xml_objects']:>9}"
+        )
         for etype, t in s["by_type"].items():
-            rows.append(f"  {etype:<6}{'':>8}{t['entities']:>10}{t['groundable']:>12}"
-                        f"{t['boxes']:>8}")
+            rows.append(
+                f"  {etype:<6}{'':>8}{t['entities']:>10}{t['groundable']:>12}{t['boxes']:>8}"
+            )
     return "\n".join(rows)
 
 
@@ -74,7 +89,13 @@ def run(args: argparse.Namespace) -> int:
     splits = args.splits or available_splits(args.dir)
     reports = write_sft(args.dir, args.out, splits, cfg, args.cot)
     for split, r in reports.items():
-        log.info("%s: %d rows (%d with reasoning), %d missing images, %d size mismatches -> %s",
-                 split, r.rows, r.with_think, r.missing_images, r.size_mismatch,
-                 args.out / f"{split}.jsonl")
+        log.info(
+            "%s: %d rows (%d with reasoning), %d missing images, %d size mismatches -> %s",
+            split,
+            r.rows,
+            r.with_think,
+            r.missing_images,
+            r.size_mismatch,
+            args.out / f"{split}.jsonl",
+        )
     return 0

@@ -105,21 +105,27 @@ def load_cot(path: str | Path) -> dict[str, str]:
 
 def records_json(records: Sequence[EntityRecord]) -> list[dict]:
     return [
-        {"mention": r.mention, "type": r.type, "boxes": [list(b) for b in r.boxes] if r.boxes else None}
+        {
+            "mention": r.mention,
+            "type": r.type,
+            "boxes": [list(b) for b in r.boxes] if r.boxes else None,
+        }
         for r in records
     ]
 
 
 def sft_row(
-    tweet: Tweet, image_path: Path, size: tuple[int, int], think: str | None, cfg: SftConfig,
-    *, with_think_prompt: bool,
+    tweet: Tweet,
+    image_path: Path,
+    size: tuple[int, int],
+    think: str | None,
+    cfg: SftConfig,
+    *,
+    with_think_prompt: bool,
 ) -> dict:
     """The training row of one tweet."""
     geo = ImageGeometry.for_image(*size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    model_records = [
-        EntityRecord(r.mention, r.type, tuple(geo.to_model(b) for b in r.boxes) if r.boxes else None)
-        for r in tweet.records()
-    ]
+    model_records = [r.map_boxes(geo.to_model) for r in tweet.records()]
     target = format_answer(model_records, think=think)
     return {
         "id": tweet.img_id,
@@ -140,41 +146,61 @@ def sft_row(
     }
 
 
+def build_rows(
+    tweets: Sequence[Tweet], cfg: SftConfig, cot: dict[str, str] | None
+) -> tuple[list[dict], SplitReport]:
+    """The training rows of some tweets, and what was skipped."""
+    report = SplitReport()
+    rows = []
+    for tweet in tweets:
+        path = find_image(cfg.image_dirs, tweet.img_id)
+        if path is None:
+            if not cfg.skip_missing_images:
+                tried = ", ".join(str(Path(d) / f"{tweet.img_id}.jpg") for d in cfg.image_dirs)
+                raise DataError(
+                    f"tweet {tweet.img_id}: image not found (tried {tried} and other "
+                    f"extensions); pass --skip-missing-images to leave such tweets out"
+                )
+            report.missing_images += 1
+            report.missing_image_ids.append(tweet.img_id)
+            continue
+        size = image_size(path)
+        if tweet.image_size is not None and tweet.image_size != size:
+            report.size_mismatch += 1
+            log.warning(
+                "tweet %s: image %s is %s but its XML says %s",
+                tweet.img_id,
+                path,
+                size,
+                tweet.image_size,
+            )
+        think = cot.get(tweet.img_id) if cot is not None else None
+        rows.append(
+            sft_row(tweet, path.resolve(), size, think, cfg, with_think_prompt=cot is not None)
+        )
+        report.rows += 1
+        report.with_think += think is not None
+    return rows, report
+
+
 def write_split(
     tweets: Sequence[Tweet], out_path: Path, cfg: SftConfig, cot: dict[str, str] | None
 ) -> SplitReport:
     """Write one split's rows atomically; returns what was written and skipped."""
-    report = SplitReport()
+    rows, report = build_rows(tweets, cfg, cot)
     tmp = out_path.with_name(out_path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for tweet in tweets:
-            path = find_image(cfg.image_dirs, tweet.img_id)
-            if path is None:
-                if not cfg.skip_missing_images:
-                    tried = ", ".join(str(Path(d) / f"{tweet.img_id}.jpg") for d in cfg.image_dirs)
-                    raise DataError(
-                        f"tweet {tweet.img_id}: image not found (tried {tried} and other "
-                        f"extensions); pass --skip-missing-images to leave such tweets out"
-                    )
-                report.missing_images += 1
-                report.missing_image_ids.append(tweet.img_id)
-                continue
-            size = image_size(path)
-            if tweet.image_size is not None and tweet.image_size != size:
-                report.size_mismatch += 1
-                log.warning("tweet %s: image %s is %s but its XML says %s",
-                            tweet.img_id, path, size, tweet.image_size)
-            think = cot.get(tweet.img_id) if cot is not None else None
-            row = sft_row(tweet, path.resolve(), size, think, cfg, with_think_prompt=cot is not None)
+        for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            report.rows += 1
-            report.with_think += think is not None
     os.replace(tmp, out_path)
     return report
 
 
 def write_sft(
-    data_dir: Path, out_dir: Path, splits: Sequence[str], cfg: SftConfig,
+    data_dir: Path,
+    out_dir: Path,
+    splits: Sequence[str],
+    cfg: SftConfig,
     cot_path: Path | None = None,
 ) -> dict[str, SplitReport]:
     """Write ``OUTDIR/<split>.jsonl`` for each split; returns a report per split."""
@@ -185,12 +211,18 @@ def write_sft(
         tweets = load_split(data_dir, split)
         reports[split] = report = write_split(tweets, out_dir / f"{split}.jsonl", cfg, cot)
         if cot is not None and split == "train" and report.with_think < report.rows:
-            log.warning("%s: %d of %d tweets have no reasoning text in %s; their targets are "
-                        "answer-only", split, report.rows - report.with_think, report.rows,
-                        cot_path)
+            log.warning(
+                "%s: %d of %d tweets have no reasoning text in %s; their targets are answer-only",
+                split,
+                report.rows - report.with_think,
+                report.rows,
+                cot_path,
+            )
     meta = {
-        "data": str(data_dir), "splits": {s: vars(r) for s, r in reports.items()},
-        "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels,
+        "data": str(data_dir),
+        "splits": {s: vars(r) for s, r in reports.items()},
+        "min_pixels": cfg.min_pixels,
+        "max_pixels": cfg.max_pixels,
         "cot": str(cot_path) if cot_path else None,
         "record_format_version": RECORD_FORMAT_VERSION,
     }

@@ -1,0 +1,235 @@
+"""Training on CPU with the tiny model: labels mask, loss goes down, exact resume, evaluation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from gmner.runtime.cli import main as gmner_main  # noqa: E402
+from gmner.runtime.evaluate import score_file  # noqa: E402
+from gmner.train.augment import GRBPConfig  # noqa: E402
+from gmner.train.config import TrainConfig, load_config  # noqa: E402
+from gmner.train.dataset import (  # noqa: E402
+    IGNORE_INDEX,
+    ExampleSettings,
+    encode_example,
+    load_image,
+    prompt_messages,
+    target_text,
+)
+from gmner.train.loop import latest_checkpoint, load_rows, train  # noqa: E402
+from gmner.train.modeling import load_model_and_processor  # noqa: E402
+from gmner.train.tiny_model import build_tiny_model  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from gmner_rt.data import load_split  # noqa: E402
+from gmner_rt.records import parse_output  # noqa: E402
+
+FIXTURE = Path(__file__).parent / "fixtures" / "twitter-gmner-v2"
+SMALL_PIXELS = {"model.min_pixels": 56 * 56, "model.max_pixels": 224 * 224}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Plain images of the sizes the fixture's XML gives (320 x 240 without XML)."""
+    folder = tmp_path_factory.mktemp("images")
+    for split in ("train", "dev"):
+        for t in load_split(FIXTURE, split):
+            w, h = t.image_size or (320, 240)
+            Image.new("RGB", (w, h), (30 + len(t.text) % 200, 90, 150)).save(
+                folder / f"{t.img_id}.jpg"
+            )
+    return folder
+
+
+def _cfg(tiny: Path, images: Path, out: Path, **overrides) -> TrainConfig:
+    values = {
+        "model.path": str(tiny),
+        "data.dir": str(FIXTURE),
+        "data.images": str(images),
+        "data.use_cot": False,
+        "output.dir": str(out),
+        "optim.batch_size": 2,
+        "optim.grad_accum": 2,
+        "optim.epochs": 1,
+        "data.limit": 8,
+        "eval.enabled": False,
+        **SMALL_PIXELS,
+        **overrides,
+    }
+    return load_config(None, values)
+
+
+def _settings(cfg: TrainConfig, **kw) -> ExampleSettings:
+    base = ExampleSettings(
+        min_pixels=cfg.model.min_pixels,
+        max_pixels=cfg.model.max_pixels,
+        use_cot=cfg.data.use_cot,
+        max_length=cfg.optim.max_length,
+        grbp=cfg.grbp,
+        seed=cfg.optim.seed,
+    )
+    return replace(base, **kw)
+
+
+def _grounded_row(rows: list[dict]) -> dict:
+    return next(r for r in rows if any(rec["boxes"] for rec in r["records"]))
+
+
+def test_labels_cover_only_the_assistant_turn(tiny, images, tmp_path):
+    cfg = _cfg(tiny, images, tmp_path)
+    _, processor = load_model_and_processor(
+        tiny, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels
+    )
+    row = dict(_grounded_row(load_rows(cfg)["train"]), think="The image shows a person.")
+    settings = _settings(cfg, use_cot=True)
+    example = encode_example(processor, row, settings, epoch=None, index=0)
+    kept = example["input_ids"][example["labels"] != IGNORE_INDEX]
+    decoded = processor.tokenizer.decode(kept)
+    target = target_text(row, settings, None, 0)
+    assert decoded == target + "<|im_end|>"
+    assert decoded.startswith("<think>The image shows a person.</think><answer>")
+    # The prompt part is exactly what the chat template renders for the whole conversation.
+    image = load_image(row["images"][0])
+    full = processor.apply_chat_template(
+        [
+            *prompt_messages(row, image, True),
+            {"role": "assistant", "content": [{"type": "text", "text": target}]},
+        ],
+        tokenize=False,
+    )
+    full_ids = processor(text=[full], images=[image], return_tensors="pt")["input_ids"][0]
+    n = example["input_ids"].numel()
+    assert torch.equal(full_ids[:n], example["input_ids"])
+    assert (example["labels"][: n - kept.numel()] == IGNORE_INDEX).all()
+
+
+def test_grbp_redraws_target_boxes_each_epoch_and_never_at_evaluation(tiny, images, tmp_path):
+    cfg = _cfg(tiny, images, tmp_path)
+    row = _grounded_row(load_rows(cfg)["train"])
+    settings = _settings(cfg, grbp=GRBPConfig(beta=0.2, gamma=0.2, tau=0.1))
+    clean = target_text(row, settings, None, 3)
+    epochs = {target_text(row, settings, e, 3) for e in range(6)}
+    assert target_text(row, settings, 2, 3) == target_text(row, settings, 2, 3)
+    assert len(epochs) >= 3  # six epochs of strong noise: fresh boxes, not one fixed draw
+    assert parse_output(clean).records[0].mention == parse_output(epochs.pop()).records[0].mention
+    off = _settings(cfg, grbp=GRBPConfig(enabled=False))
+    assert target_text(row, off, 5, 3) == clean
+
+
+def test_a_few_steps_lower_the_loss(tiny, images, tmp_path):
+    cfg = _cfg(
+        tiny,
+        images,
+        tmp_path / "run",
+        **{
+            "data.limit": 4,
+            "optim.epochs": 8,
+            "optim.lr": 5e-3,
+            "optim.grad_accum": 1,
+            "optim.warmup_ratio": 0.0,
+            "optim.scheduler": "constant",
+            "grbp.enabled": False,
+        },
+    )
+    pos = train(cfg)
+    first, last = pos.losses[:2], pos.losses[-2:]
+    assert sum(last) < 0.8 * sum(first), pos.losses
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tiny, images, tmp_path):
+    overrides = {"optim.epochs": 2, "output.save_every": 1, "lora.dropout": 0.3}
+    full = train(_cfg(tiny, images, tmp_path / "a", **overrides))
+    assert full.step == 4
+    cut = _cfg(tiny, images, tmp_path / "b", **overrides)
+    train(cut, stop_after_steps=3)
+    # A kill mid-write leaves a temporary folder behind; resume must ignore it.
+    (tmp_path / "b" / "checkpoints" / "step-000004.tmp-999").mkdir()
+    resumed = train(cut, resume=True)
+    assert resumed.step == 4
+    assert resumed.losses == full.losses  # same floats, not approximately
+    assert latest_checkpoint(tmp_path / "b").name == "step-000004"
+
+
+def test_training_evaluates_dev_keeps_best_and_scores_test(tiny, images, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(
+        tiny,
+        images,
+        run,
+        **{
+            "eval.enabled": True,
+            "eval.max_new_tokens": 8,
+            "data.test_split": "dev",
+            "data.limit": 4,
+        },
+    )
+    train(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("dev_gmner_f1" in r and "dev_loss" in r for r in rows)
+    assert any("test_gmner_f1" in r for r in rows)
+    assert (run / "best" / "adapter_config.json").is_file()
+    saved = load_config(run / "config.yaml")
+    assert saved == cfg
+    # The test predictions are in the `gmner eval --pred` format and score the same there.
+    scores = json.loads((run / "test_scores.json").read_text())
+    report = score_file(FIXTURE, "dev", run / "test_pred.jsonl")
+    assert scores["gmner"]["predicted"] == report.gmner.predicted
+    assert report.missing == 30 - 4  # only the first 4 dev tweets were evaluated
+
+
+def test_gmner_eval_scores_a_checkpoint(tiny, images, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(tiny, images, run, **{"data.limit": 2, "optim.grad_accum": 1}))
+    pred = tmp_path / "pred.jsonl"
+    code = gmner_main(
+        [
+            "eval",
+            "--model",
+            str(tiny),
+            "--adapter",
+            str(latest_checkpoint(run)),
+            "--data",
+            str(FIXTURE),
+            "--split",
+            "dev",
+            "--images",
+            str(images),
+            "--out",
+            str(pred),
+            "--max-new-tokens",
+            "4",
+            "--json",
+            str(tmp_path / "s.json"),
+        ]
+    )
+    assert code == 0
+    lines = pred.read_text().splitlines()
+    assert len(lines) == 30 and all(json.loads(x)["output"] is not None for x in lines)
+    assert json.loads((tmp_path / "s.json").read_text())["gmner"]["gold"] > 0
+
+
+def test_config_yaml_flags_and_errors(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1.0e-4\nlora:\n  r: 8\ngrbp:\n  beta: 0.1\n")
+    cfg = load_config(path, {"optim.epochs": "3", "grbp.enabled": "false"})
+    assert (cfg.optim.lr, cfg.lora.r, cfg.optim.epochs, cfg.grbp.beta) == (1e-4, 8, 3, 0.1)
+    assert cfg.grbp.enabled is False and cfg.lora.alpha == 64  # paper default kept
+    with pytest.raises(ValueError, match="optim.lr"):
+        load_config(None, {"optim.lr": -1})
+    with pytest.raises(ValueError, match="optim.bogus"):
+        load_config(None, {"optim.bogus": 1})
+    with pytest.raises(SystemExit) as exc:
+        gmner_main(["train", "--help"])
+    assert exc.value.code == 0

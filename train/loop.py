@@ -1,0 +1,432 @@
+"""The training loop: LoRA SFT with GRBP and CoT targets, evaluation per epoch, exact resume.
+
+A run folder holds ``checkpoints/step-N/`` (adapter, processor, ``config.yaml``, trainable
+weights, optimizer / scheduler / RNG state and the data position), a ``latest`` pointer,
+``best/`` (the adapter with the best dev GMNER F1), ``metrics.jsonl`` and predictions.
+Checkpoints are written to a temporary folder and renamed, so a kill never leaves a broken
+one. Data order and GRBP draws derive from (seed, epoch, index) and the torch RNG state is
+saved, so a resumed run takes the same steps with the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from gmner_rt.data import load_split
+from gmner_rt.errors import InputError
+
+from .config import TrainConfig, save_config
+from .dataset import ExampleSettings, collate, encode_example
+from .evaluate import mean_loss, score_rows
+from .modeling import load_model_and_processor, resolve_dtype
+from .sft import SftConfig, build_rows, load_cot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Position:
+    """Where training stands: next epoch / batch to run, optimizer steps done, best dev F1."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best_f1: float = -1.0
+    best_step: int = -1
+    losses: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_rows(cfg: TrainConfig) -> dict[str, list[dict]]:
+    """Training rows per split (train, and dev / test when present)."""
+    if not cfg.data.dir or not cfg.data.images:
+        raise InputError("--data.dir and --data.images are required")
+    sft = SftConfig(
+        image_dirs=tuple(Path(p) for p in cfg.data.images.split(",")),
+        min_pixels=cfg.model.min_pixels,
+        max_pixels=cfg.model.max_pixels,
+        skip_missing_images=cfg.data.skip_missing_images,
+    )
+    cot = load_cot(cfg.data.cot) if cfg.data.use_cot and cfg.data.cot else None
+    rows: dict[str, list[dict]] = {}
+    for split in dict.fromkeys((cfg.data.train_split, cfg.data.dev_split, cfg.data.test_split)):
+        if not split or (split != cfg.data.train_split and not _has_split(cfg.data.dir, split)):
+            continue
+        tweets = load_split(cfg.data.dir, split)
+        if cfg.data.limit:
+            tweets = tweets[: cfg.data.limit]
+        rows[split], report = build_rows(tweets, sft, cot)
+        log.info(
+            "%s: %d examples (%d with reasoning, %d missing images)",
+            split,
+            report.rows,
+            report.with_think,
+            report.missing_images,
+        )
+    return rows
+
+
+def _has_split(data_dir: str, split: str) -> bool:
+    root = Path(data_dir)
+    return (root / "txt" / f"{split}.txt").is_file() or (root / f"{split}.txt").is_file()
+
+
+def prepare_model(cfg: TrainConfig, device: torch.device):
+    """Base model + processor, with LoRA (or full fine-tuning of the language model)."""
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    model, processor = load_model_and_processor(
+        cfg.model.path,
+        dtype=dtype,
+        device=str(device),
+        min_pixels=cfg.model.min_pixels,
+        max_pixels=cfg.model.max_pixels,
+    )
+    torch.manual_seed(cfg.optim.seed)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad = "visual" not in name
+    checkpointing = cfg.model.gradient_checkpointing
+    if checkpointing == "on" or (checkpointing == "auto" and device.type == "cuda"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model, processor
+
+
+def make_optimizer(model, cfg: TrainConfig, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    warmup = math.ceil(cfg.optim.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.optim.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def save_checkpoint(
+    run: Path, model, processor, opt, sched, pos: Position, cfg: TrainConfig
+) -> Path:
+    """Write ``checkpoints/step-N`` atomically and point ``latest`` at it."""
+    final = run / "checkpoints" / f"step-{pos.step:06d}"
+    tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)  # the adapter alone with LoRA, the model without
+    processor.save_pretrained(tmp)
+    save_config(cfg, tmp / "config.yaml")
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    torch.save(
+        {
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+        tmp / "trainer_state.pt",
+    )
+    (tmp / "position.json").write_text(json.dumps(vars(pos), indent=1), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_atomic(run / "latest", final.name)
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(ckpt: Path, model, opt, sched) -> Position:
+    state = load_file(ckpt / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = sorted(set(state) ^ {n for n, p in params.items() if p.requires_grad})
+    if missing:
+        raise InputError(f"{ckpt}: trainable weights do not match this model: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    trainer = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    opt.load_state_dict(trainer["optimizer"])
+    sched.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["torch_rng"])
+    if trainer["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
+    return Position(**json.loads((ckpt / "position.json").read_text(encoding="utf-8")))
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    pointer = run / "latest"
+    if not pointer.is_file():
+        return None
+    ckpt = run / "checkpoints" / pointer.read_text(encoding="utf-8").strip()
+    return ckpt if ckpt.is_dir() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _log_metrics(run: Path, row: dict, writer=None) -> None:
+    with (run / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    if writer is not None:
+        for key, value in row.items():
+            if isinstance(value, int | float) and key != "step":
+                writer.add_scalar(key, value, row.get("step", 0))
+
+
+def _settings(cfg: TrainConfig) -> ExampleSettings:
+    return ExampleSettings(
+        min_pixels=cfg.model.min_pixels,
+        max_pixels=cfg.model.max_pixels,
+        use_cot=cfg.data.use_cot,
+        max_length=cfg.optim.max_length,
+        grbp=cfg.grbp,
+        seed=cfg.optim.seed,
+    )
+
+
+def _evaluate_epoch(model, processor, rows, cfg, run, pos, writer) -> None:
+    settings = replace(_settings(cfg), grbp=replace(cfg.grbp, enabled=False))
+    dev_loss = mean_loss(model, processor, rows, settings, cfg.optim.batch_size)
+    report = score_rows(
+        model,
+        processor,
+        rows,
+        settings,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        protocol=cfg.eval.protocol,
+        pred_path=run / f"dev_pred_step{pos.step}.jsonl",
+    )
+    f1 = report.gmner.f1
+    log.info(
+        "epoch %d step %d: dev loss %.4f, GMNER F1 %.4f, MNER F1 %.4f, EEG F1 %.4f",
+        pos.epoch,
+        pos.step,
+        dev_loss,
+        f1,
+        report.mner.f1,
+        report.eeg.f1,
+    )
+    _log_metrics(
+        run,
+        {
+            "step": pos.step,
+            "epoch": pos.epoch,
+            "dev_loss": dev_loss,
+            "dev_gmner_f1": f1,
+            "dev_mner_f1": report.mner.f1,
+            "dev_eeg_f1": report.eeg.f1,
+            "dev_malformed": report.malformed,
+        },
+        writer,
+    )
+    if f1 > pos.best_f1:
+        pos.best_f1, pos.best_step = f1, pos.step
+        tmp = run / "best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        (tmp / "dev_scores.json").write_text(json.dumps(report.as_dict(), indent=1))
+        shutil.rmtree(run / "best", ignore_errors=True)
+        os.replace(tmp, run / "best")
+
+
+def train(
+    cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | None = None
+) -> Position:
+    """Run (or resume) training; returns the final position (losses per optimizer step).
+
+    ``stop_after_steps`` stops right after that step's checkpoint, as a kill would.
+    """
+    run = Path(cfg.output.dir)
+    run.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.model.device)
+    rows = load_rows(cfg)
+    train_rows = rows[cfg.data.train_split]
+    model, processor = prepare_model(cfg, device)
+    model.train()
+    settings = _settings(cfg)
+    n_batches = math.ceil(len(train_rows) / cfg.optim.batch_size)
+    steps_per_epoch = math.ceil(n_batches / cfg.optim.grad_accum)
+    total = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
+    opt, sched = make_optimizer(model, cfg, total)
+    pos = Position()
+    ckpt = latest_checkpoint(run) if resume else None
+    if ckpt is not None:
+        pos = load_checkpoint(ckpt, model, opt, sched)
+        log.info("resumed from %s (step %d)", ckpt, pos.step)
+    save_config(cfg, run / "config.yaml")
+    writer = _tensorboard(run) if cfg.output.tensorboard else None
+    autocast = device.type == "cuda" and resolve_dtype(cfg.model.dtype, device) != torch.float32
+    pad_id = processor.tokenizer.pad_token_id
+    bar = tqdm(total=total, initial=pos.step, desc="train", disable=None)
+    while pos.epoch < cfg.optim.epochs and pos.step < total:
+        order = np.random.default_rng([cfg.optim.seed, pos.epoch]).permutation(len(train_rows))
+        batches = [
+            order[i : i + cfg.optim.batch_size] for i in range(0, len(order), cfg.optim.batch_size)
+        ]
+        t0 = time.perf_counter()
+        while pos.batch < len(batches) and pos.step < total:
+            model.train()
+            group = batches[pos.batch : pos.batch + cfg.optim.grad_accum]
+            running = 0.0
+            for idx in group:
+                examples = [
+                    encode_example(
+                        processor, train_rows[i], settings, epoch=pos.epoch, index=int(i)
+                    )
+                    for i in idx
+                ]
+                batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = model(**batch).loss / len(group)
+                loss.backward()
+                running += float(loss.detach())
+            if cfg.optim.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], cfg.optim.max_grad_norm
+                )
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            pos.batch += len(group)
+            pos.step += 1
+            pos.losses.append(running)
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
+            _log_metrics(
+                run,
+                {
+                    "step": pos.step,
+                    "epoch": pos.epoch,
+                    "loss": running,
+                    "lr": lr,
+                    "step_time_s": time.perf_counter() - t0,
+                },
+                writer,
+            )
+            t0 = time.perf_counter()
+            if cfg.output.save_every and pos.step % cfg.output.save_every == 0:
+                save_checkpoint(run, model, processor, opt, sched, pos, cfg)
+            if stop_after_steps is not None and pos.step >= stop_after_steps:
+                bar.close()
+                return pos
+        if pos.batch >= len(batches):
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+            dev = rows.get(cfg.data.dev_split)
+            if cfg.eval.enabled and dev:
+                _evaluate_epoch(model, processor, dev, cfg, run, pos, writer)
+            save_checkpoint(run, model, processor, opt, sched, pos, cfg)
+    bar.close()
+    _final_test(model, processor, rows, cfg, run, pos, writer)
+    return pos
+
+
+def _final_test(model, processor, rows, cfg, run, pos, writer) -> None:
+    """Score the test split with the best dev adapter (the protocol the field reports)."""
+    test = rows.get(cfg.data.test_split)
+    if not test or not cfg.eval.enabled:
+        return
+    best = run / "best" / "trainable.safetensors"
+    if best.is_file():
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in load_file(best).items():
+                params[name].copy_(value)
+    settings = replace(_settings(cfg), grbp=replace(cfg.grbp, enabled=False))
+    report = score_rows(
+        model,
+        processor,
+        test,
+        settings,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        protocol=cfg.eval.protocol,
+        pred_path=run / "test_pred.jsonl",
+    )
+    (run / "test_scores.json").write_text(json.dumps(report.as_dict(), indent=1))
+    log.info(
+        "test (best dev step %d): GMNER F1 %.4f, MNER F1 %.4f, EEG F1 %.4f",
+        pos.best_step,
+        report.gmner.f1,
+        report.mner.f1,
+        report.eeg.f1,
+    )
+    _log_metrics(
+        run,
+        {
+            "step": pos.step,
+            "test_gmner_f1": report.gmner.f1,
+            "test_mner_f1": report.mner.f1,
+            "test_eeg_f1": report.eeg.f1,
+        },
+        writer,
+    )
+
+
+def _tensorboard(run: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise InputError("--output.tensorboard needs the tensorboard package") from exc
+    return SummaryWriter(str(run / "tensorboard"))
