@@ -36,7 +36,13 @@ def register(name: str, module: str, help_text: str) -> None:
 
 
 def _load(name: str):
-    return importlib.import_module(COMMANDS[name][0])
+    try:
+        return importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as exc:
+        raise SystemExit(
+            f"gmner {name} needs the package {exc.name!r}, which is not installed; install "
+            f"gmner with its extras, e.g. pip install 'gmner[train,export]'"
+        ) from exc
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:

@@ -77,6 +77,8 @@ def format_report(report: EvalReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json and not args.json.parent.is_dir():
+        raise InputError(f"--json {args.json}: folder {args.json.parent} does not exist")
     if args.model is not None:
         if args.pred is not None:
             raise InputError("give either --pred or --model, not both")

@@ -33,7 +33,10 @@ def test_none_region_matches_only_none():
     assert score(gold, answer(rec("Obama"))) == ((1, 1, 1),) * 3
     assert score(gold, answer(rec("Obama", "PER", A))) == ((0, 1, 1), (1, 1, 1), (0, 1, 1))
     assert score([rec("Obama", "PER", A)], answer(rec("Obama"))) == (
-        (0, 1, 1), (1, 1, 1), (0, 1, 1))
+        (0, 1, 1),
+        (1, 1, 1),
+        (0, 1, 1),
+    )
 
 
 @pytest.mark.parametrize(

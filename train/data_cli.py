@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         skip_missing_images=args.skip_missing_images,
     )
     splits = args.splits or available_splits(args.dir)
+    if not splits:
+        raise DataError(f"{args.dir}: no split files (expected txt/train.txt, txt/dev.txt, ...)")
     reports = write_sft(args.dir, args.out, splits, cfg, args.cot)
     for split, r in reports.items():
         log.info(

@@ -59,6 +59,9 @@ class SftConfig:
     def __post_init__(self) -> None:
         if not self.image_dirs:
             raise InputError("--images: give at least one image folder")
+        missing = [str(d) for d in self.image_dirs if not Path(d).is_dir()]
+        if missing:
+            raise InputError(f"--images: folder not found: {', '.join(missing)}")
         if not 0 < self.min_pixels <= self.max_pixels:
             raise InputError(
                 f"--min-pixels/--max-pixels: need 0 < min <= max, got "
@@ -94,10 +97,14 @@ def load_cot(path: str | Path) -> dict[str, str]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{number}: expected an object with img_id and think")
         key = row.get("img_id") or (Path(row["image_path"]).stem if row.get("image_path") else "")
         think = next((row[k] for k in _THINK_KEYS if isinstance(row.get(k), str)), "")
         if not key:
             raise InputError(f"{path}:{number}: needs img_id or image_path")
+        if any(tag in think.lower() for tag in ("<think>", "</think>", "<answer>", "</answer>")):
+            raise InputError(f"{path}:{number}: reasoning for {key} contains a think/answer tag")
         if think.strip():
             cot[str(key)] = think.strip()
     return cot
