@@ -23,7 +23,7 @@ from gmner.train.dataset import (  # noqa: E402
     prompt_messages,
     target_text,
 )
-from gmner.train.loop import latest_checkpoint, load_rows, train  # noqa: E402
+from gmner.train.loop import example_settings, latest_checkpoint, load_rows, train  # noqa: E402
 from gmner.train.modeling import load_model_and_processor  # noqa: E402
 from gmner.train.tiny_model import build_tiny_model  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -72,15 +72,7 @@ def _cfg(tiny: Path, images: Path, out: Path, **overrides) -> TrainConfig:
 
 
 def _settings(cfg: TrainConfig, **kw) -> ExampleSettings:
-    base = ExampleSettings(
-        min_pixels=cfg.model.min_pixels,
-        max_pixels=cfg.model.max_pixels,
-        use_cot=cfg.data.use_cot,
-        max_length=cfg.optim.max_length,
-        grbp=cfg.grbp,
-        seed=cfg.optim.seed,
-    )
-    return replace(base, **kw)
+    return replace(example_settings(cfg), **kw)
 
 
 def _grounded_row(rows: list[dict]) -> dict:

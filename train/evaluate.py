@@ -125,7 +125,7 @@ def evaluate_checkpoint(
     from gmner_rt.data import load_split
 
     from .config import load_config
-    from .loop import resolve_device
+    from .loop import example_settings, resolve_device
     from .modeling import load_model_and_processor
     from .sft import SftConfig, build_rows
 
@@ -145,14 +145,7 @@ def evaluate_checkpoint(
         image_dirs=tuple(images), min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels
     )
     rows, _ = build_rows(load_split(data_dir, split), sft, None)
-    settings = ExampleSettings(
-        min_pixels=cfg.model.min_pixels,
-        max_pixels=cfg.model.max_pixels,
-        use_cot=cfg.data.use_cot,
-        max_length=cfg.optim.max_length,
-        grbp=cfg.grbp,
-        seed=cfg.optim.seed,
-    )
+    settings = example_settings(cfg)
     return score_rows(
         model,
         processor,

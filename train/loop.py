@@ -231,7 +231,8 @@ def _log_metrics(run: Path, row: dict, writer=None) -> None:
                 writer.add_scalar(key, value, row.get("step", 0))
 
 
-def _settings(cfg: TrainConfig) -> ExampleSettings:
+def example_settings(cfg: TrainConfig) -> ExampleSettings:
+    """How this run turns rows into examples."""
     return ExampleSettings(
         min_pixels=cfg.model.min_pixels,
         max_pixels=cfg.model.max_pixels,
@@ -243,7 +244,7 @@ def _settings(cfg: TrainConfig) -> ExampleSettings:
 
 
 def _evaluate_epoch(model, processor, rows, cfg, run, pos, writer) -> None:
-    settings = replace(_settings(cfg), grbp=replace(cfg.grbp, enabled=False))
+    settings = replace(example_settings(cfg), grbp=replace(cfg.grbp, enabled=False))
     dev_loss = mean_loss(model, processor, rows, settings, cfg.optim.batch_size)
     report = score_rows(
         model,
@@ -304,7 +305,7 @@ def train(
     train_rows = rows[cfg.data.train_split]
     model, processor = prepare_model(cfg, device)
     model.train()
-    settings = _settings(cfg)
+    settings = example_settings(cfg)
     n_batches = math.ceil(len(train_rows) / cfg.optim.batch_size)
     steps_per_epoch = math.ceil(n_batches / cfg.optim.grad_accum)
     total = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
@@ -393,7 +394,7 @@ def _final_test(model, processor, rows, cfg, run, pos, writer) -> None:
         with torch.no_grad():
             for name, value in load_file(best).items():
                 params[name].copy_(value)
-    settings = replace(_settings(cfg), grbp=replace(cfg.grbp, enabled=False))
+    settings = replace(example_settings(cfg), grbp=replace(cfg.grbp, enabled=False))
     report = score_rows(
         model,
         processor,
