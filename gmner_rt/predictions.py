@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["read_predictions", "write_predictions"]
+__all__ = ["iter_json_objects", "read_predictions", "write_predictions"]
 
 
-def read_predictions(path: str | Path) -> dict[str, str]:
-    """Model outputs by image id. Errors name the file, the line and the problem."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{path}: predictions file not found") from None
-    outputs: dict[str, str] = {}
-    for number, line in enumerate(lines, 1):
+def iter_json_objects(path: Path, expected: str) -> Iterator[tuple[str, dict]]:
+    """``(file:line, object)`` for each non-blank line of a JSONL file of objects.
+
+    A line that is not JSON, or not an object, is an :class:`InputError` naming file:line and
+    saying what was ``expected`` (e.g. "img_id and output").
+    """
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -33,7 +31,17 @@ def read_predictions(path: str | Path) -> dict[str, str]:
         except json.JSONDecodeError as exc:
             raise InputError(f"{where}: not JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise InputError(f"{where}: expected an object with img_id and output")
+            raise InputError(f"{where}: expected an object with {expected}")
+        yield where, row
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """Model outputs by image id. Errors name the file, the line and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: predictions file not found")
+    outputs: dict[str, str] = {}
+    for where, row in iter_json_objects(path, "img_id and output"):
         img_id, output = row.get("img_id"), row.get("output")
         if not isinstance(img_id, str) or not img_id:
             raise InputError(f"{where}: field img_id must be a non-empty string, got {img_id!r}")

@@ -243,19 +243,27 @@ def example_settings(cfg: TrainConfig) -> ExampleSettings:
     )
 
 
-def _evaluate_epoch(model, processor, rows, cfg, run, pos, writer) -> None:
-    settings = replace(example_settings(cfg), grbp=replace(cfg.grbp, enabled=False))
-    dev_loss = mean_loss(model, processor, rows, settings, cfg.optim.batch_size)
-    report = score_rows(
+def _eval_settings(cfg: TrainConfig) -> ExampleSettings:
+    """Example settings for evaluation: never perturbed."""
+    return replace(example_settings(cfg), grbp=replace(cfg.grbp, enabled=False))
+
+
+def _score_split(model, processor, rows, cfg: TrainConfig, pred_path: Path):
+    return score_rows(
         model,
         processor,
         rows,
-        settings,
+        _eval_settings(cfg),
         max_new_tokens=cfg.eval.max_new_tokens,
         batch_size=cfg.eval.batch_size,
         protocol=cfg.eval.protocol,
-        pred_path=run / f"dev_pred_step{pos.step}.jsonl",
+        pred_path=pred_path,
     )
+
+
+def _evaluate_epoch(model, processor, rows, cfg, run, pos, writer) -> None:
+    dev_loss = mean_loss(model, processor, rows, _eval_settings(cfg), cfg.optim.batch_size)
+    report = _score_split(model, processor, rows, cfg, run / f"dev_pred_step{pos.step}.jsonl")
     f1 = report.gmner.f1
     log.info(
         "epoch %d step %d: dev loss %.4f, GMNER F1 %.4f, MNER F1 %.4f, EEG F1 %.4f",
@@ -394,17 +402,7 @@ def _final_test(model, processor, rows, cfg, run, pos, writer) -> None:
         with torch.no_grad():
             for name, value in load_file(best).items():
                 params[name].copy_(value)
-    settings = replace(example_settings(cfg), grbp=replace(cfg.grbp, enabled=False))
-    report = score_rows(
-        model,
-        processor,
-        test,
-        settings,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        batch_size=cfg.eval.batch_size,
-        protocol=cfg.eval.protocol,
-        pred_path=run / "test_pred.jsonl",
-    )
+    report = _score_split(model, processor, test, cfg, run / "test_pred.jsonl")
     (run / "test_scores.json").write_text(json.dumps(report.as_dict(), indent=1))
     log.info(
         "test (best dev step %d): GMNER F1 %.4f, MNER F1 %.4f, EEG F1 %.4f",

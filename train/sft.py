@@ -27,6 +27,7 @@ from gmner_rt.data import LABELS, Tweet, find_image, load_split
 from gmner_rt.errors import DataError, InputError
 from gmner_rt.geometry import ImageGeometry
 from gmner_rt.images import image_size
+from gmner_rt.predictions import iter_json_objects
 from gmner_rt.prompt import assistant_message, user_message
 from gmner_rt.records import RECORD_FORMAT_VERSION, EntityRecord, format_answer
 
@@ -90,21 +91,13 @@ def load_cot(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise InputError(f"--cot {path}: file not found")
     cot: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{number}: expected an object with img_id and think")
+    for where, row in iter_json_objects(path, "img_id and think"):
         key = row.get("img_id") or (Path(row["image_path"]).stem if row.get("image_path") else "")
         think = next((row[k] for k in _THINK_KEYS if isinstance(row.get(k), str)), "")
         if not key:
-            raise InputError(f"{path}:{number}: needs img_id or image_path")
+            raise InputError(f"{where}: needs img_id or image_path")
         if any(tag in think.lower() for tag in ("<think>", "</think>", "<answer>", "</answer>")):
-            raise InputError(f"{path}:{number}: reasoning for {key} contains a think/answer tag")
+            raise InputError(f"{where}: reasoning for {key} contains a think/answer tag")
         if think.strip():
             cot[str(key)] = think.strip()
     return cot
