@@ -5,13 +5,14 @@ EXIF orientation is applied, so sizes and boxes refer to the image as displayed.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
-__all__ = ["image_size"]
+__all__ = ["image_size", "open_image"]
 
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _EXIF_ORIENTATION = 0x0112
@@ -30,3 +31,22 @@ def image_size(path: str | Path) -> tuple[int, int]:
     if orientation in _TRANSPOSED_ORIENTATIONS:
         return height, width
     return width, height
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """Decode an image file (a path or its bytes): fully loaded, EXIF-oriented, mode unchanged.
+
+    Raises :class:`InputError` naming the file (or the byte count) when it is missing or unreadable.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        name, fp = f"image bytes ({len(source)} bytes)", io.BytesIO(bytes(source))
+    else:
+        name, fp = str(source), source
+    try:
+        with Image.open(fp) as im:
+            im.load()
+            return ImageOps.exif_transpose(im)
+    except FileNotFoundError:
+        raise InputError(f"{name}: image not found") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{name}: not a readable image ({exc})") from None

@@ -30,6 +30,7 @@ __all__ = [
     "GmnerQwenProcessor",
     "ModelDirError",
     "check_model_dir",
+    "check_processor_dir",
     "load_model_and_processor",
     "load_processor",
     "pil_image_processor",
@@ -133,6 +134,21 @@ def check_model_dir(model_dir: str | Path, *, weights: bool = True) -> Path:
     model_type = _read_json(config_file).get("model_type")
     if model_type != "qwen2_5_vl":
         raise ValueError(f"{config_file}: model_type is {model_type!r}, expected 'qwen2_5_vl'")
+    check_processor_dir(path)
+    if weights and not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ModelDirError(f"{path}: missing weights ({' or '.join(WEIGHT_FILES)})")
+    return path
+
+
+def check_processor_dir(processor_dir: str | Path) -> Path:
+    """Check that ``processor_dir`` holds a processor (tokenizer, image processor, template).
+
+    A training checkpoint's adapter directory is one (it has no config.json); so is every
+    model directory. Raises :class:`ModelDirError` naming the first missing file.
+    """
+    path = Path(processor_dir)
+    if not path.is_dir():
+        raise ModelDirError(f"directory {path} does not exist")
     has_bpe_files = (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
     if not ((path / "tokenizer.json").is_file() or has_bpe_files):
         raise ModelDirError(f"{path}: missing tokenizer files ({' or '.join(TOKENIZER_FILES)})")
@@ -148,8 +164,6 @@ def check_model_dir(model_dir: str | Path, *, weights: bool = True) -> Path:
             f"{path}: missing chat template ({' or '.join(CHAT_TEMPLATE_FILES)}, "
             "or chat_template in tokenizer_config.json)"
         )
-    if weights and not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise ModelDirError(f"{path}: missing weights ({' or '.join(WEIGHT_FILES)})")
     return path
 
 
@@ -188,15 +202,27 @@ def pil_image_processor(
 
 
 def load_processor(
-    model_dir: str | Path, *, min_pixels: int | None = None, max_pixels: int | None = None
+    model_dir: str | Path,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    config_dir: str | Path | None = None,
 ) -> GmnerQwenProcessor:
-    """The processor of ``model_dir`` (tokenizer, PIL image processor, chat template)."""
-    path = check_model_dir(model_dir, weights=False)
+    """The processor of ``model_dir`` (tokenizer, PIL image processor, chat template).
+
+    ``model_dir`` may be a model directory or a processor-only one (a training checkpoint);
+    its token ids are checked against ``config_dir``'s config.json (default: ``model_dir``'s).
+    """
+    path = check_processor_dir(model_dir)
+    config_path = Path(config_dir) if config_dir is not None else path
     processor = GmnerQwenProcessor.from_pretrained(path, local_files_only=True)
     processor.image_processor = pil_image_processor(
         processor.image_processor, min_pixels=min_pixels, max_pixels=max_pixels
     )
-    _check_token_ids(processor.tokenizer, path)
+    if (config_path / "config.json").is_file():
+        _check_token_ids(processor.tokenizer, config_path)
+    elif config_dir is None:
+        raise ModelDirError(f"{path}: missing config.json (pass the base model's directory)")
     return processor
 
 

@@ -138,6 +138,7 @@ class Preset:
         window_size: vision attention window in pixels (Qwen2.5-VL: 112).
         min_pixels: the image processor's smallest resized image, in pixels.
         max_pixels: the image processor's largest resized image, in pixels.
+        dtype: dtype the weights are built and saved in ("float32" or "bfloat16").
     """
 
     hidden_size: int
@@ -158,6 +159,7 @@ class Preset:
     window_size: int = 112
     min_pixels: int = 56 * 56
     max_pixels: int = 64 * 28 * 28
+    dtype: str = "float32"
 
     @property
     def head_dim(self) -> int:
@@ -189,6 +191,25 @@ PRESETS: dict[str, Preset] = {
         vision_intermediate_size=1024,
         fullatt_block_indexes=(1, 3),
         max_pixels=1280 * 28 * 28,
+    ),
+    # Qwen2.5-VL-3B's real dimensions (design.md), random weights in bf16 as the real
+    # checkpoint ships: for real-scale export and memory checks, not for tests.
+    "qwen2.5-vl-3b": Preset(
+        hidden_size=2048,
+        num_layers=36,
+        num_heads=16,
+        num_kv_heads=2,
+        intermediate_size=11008,
+        mrope_section=(16, 24, 24),
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        vision_depth=32,
+        vision_hidden_size=1280,
+        vision_heads=16,
+        vision_intermediate_size=3420,
+        fullatt_block_indexes=(7, 15, 23, 31),
+        max_pixels=1280 * 28 * 28,
+        dtype="bfloat16",
     ),
 }
 
@@ -329,11 +350,21 @@ def randomize_biases_and_norms(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(1.0 + torch.randn(param.shape, generator=gen) * 0.1)
 
 
-def build_model(config: Qwen2_5_VLConfig, seed: int) -> Qwen2_5_VLForConditionalGeneration:
-    """A model with seeded random weights (the global torch RNG is left untouched)."""
+def build_model(
+    config: Qwen2_5_VLConfig, seed: int, dtype: torch.dtype = torch.float32
+) -> Qwen2_5_VLForConditionalGeneration:
+    """A model with seeded random weights (the global torch RNG is left untouched).
+
+    The weights are created directly in ``dtype`` (a 3B model in fp32 would need 15 GB).
+    """
+    default = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        torch.set_default_dtype(dtype)
+        try:
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(default)
     randomize_biases_and_norms(model, seed + 1)
     return model.eval()
 
@@ -374,7 +405,7 @@ def build_tiny_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -
     started = time.perf_counter()
     tokenizer = build_tokenizer()
     config = preset_config(preset, tokenizer)
-    model = build_model(config, seed)
+    model = build_model(config, seed, dtype=getattr(torch, chosen.dtype))
     model.generation_config = _generation_config(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -401,7 +432,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="tiny",
-        help="tiny: for tests (default); bench-small: Qwen2.5-0.5B text dims, about 2 GB",
+        help="tiny: for tests (default); bench-small: Qwen2.5-0.5B text dims, about 2 GB; "
+        "qwen2.5-vl-3b: the real 3B dimensions in bf16, about 7.5 GB",
     )
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
 

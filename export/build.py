@@ -1,0 +1,317 @@
+"""``gmner export``: base (+ adapter) -> a verified, self-describing bundle directory.
+
+Three steps: merge (:mod:`.merge`), write the graphs (:mod:`.onnx_export`), then check them
+against PyTorch (:mod:`.parity`) and write ``manifest.json`` (validated by
+:mod:`gmner_rt.bundle`, the runtime's own reader). The bundle is built in a temporary sibling
+directory and moved into place only when everything passed, so a failed export leaves no
+half-written bundle behind.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from gmner_rt.bundle import TOKENIZER_NAME, file_entry, load_bundle, write_manifest
+from gmner_rt.data import LABELS
+from gmner_rt.prompt import SYSTEM_PROMPT, instruction
+from gmner_rt.records import RECORD_FORMAT_VERSION
+
+from .merge import load_merged
+from .onnx_export import ExportSettings, cast_for_export, export_graphs
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BundleOptions", "export_bundle", "manifest_data"]
+
+IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
+INSTRUCTION_SENTINEL = "\x00INSTRUCTION\x00"
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class BundleOptions:
+    """What ``gmner export`` was asked for.
+
+    Attributes:
+        model: base Qwen2.5-VL directory.
+        adapter: LoRA adapter (or fully fine-tuned checkpoint) directory, or None.
+        out: the bundle directory to create (must not exist, or be empty).
+        settings: graph dtype, exporter and external-data threshold.
+        max_image_tokens: cap on image tokens (sets max_pixels); None keeps the model's.
+        verify: run the parity check (default on).
+        name: a name recorded in the manifest.
+    """
+
+    model: Path
+    adapter: Path | None
+    out: Path
+    settings: ExportSettings = ExportSettings()
+    max_image_tokens: int | None = None
+    verify: bool = True
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_image_tokens is not None and self.max_image_tokens < 4:
+            raise ValueError(f"max_image_tokens: must be >= 4, got {self.max_image_tokens}")
+
+
+def _versions() -> dict[str, str | None]:
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    names = ("gmner", "torch", "transformers", "peft", "onnx", "onnxruntime")
+    return {"python": platform.python_version(), **{n: version(n) for n in names}}
+
+
+def _prompt(processor) -> dict[str, str]:
+    """The chat layout with {system}, {image}, {instruction} slots, rendered by the model's
+    own chat template (so the runtime's token ids equal ``apply_chat_template``'s)."""
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION_SENTINEL}],
+        },
+    ]
+    rendered = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    for piece in (SYSTEM_PROMPT, IMAGE_SLOT, INSTRUCTION_SENTINEL):
+        if rendered.count(piece) != 1:
+            raise ValueError(f"chat template: expected {piece!r} once in {rendered!r}")
+    template = (
+        rendered.replace(SYSTEM_PROMPT, "{system}")
+        .replace(IMAGE_SLOT, "{image}")
+        .replace(INSTRUCTION_SENTINEL, "{instruction}")
+    )
+    return {
+        "system": SYSTEM_PROMPT,
+        "chat_template": template,
+        "image": "<|vision_start|>{image_pads}<|vision_end|>",
+        "instruction_think": instruction("{text}", LABELS, think=True),
+        "instruction_answer_only": instruction("{text}", LABELS, think=False),
+    }
+
+
+def _image_processor(processor, config, max_image_tokens: int | None) -> dict:
+    ip = processor.image_processor
+    size = dict(ip.size)
+    factor = ip.patch_size * ip.merge_size
+    max_pixels = size["longest_edge"]
+    if max_image_tokens is not None:
+        max_pixels = min(max_pixels, max_image_tokens * factor * factor)
+    min_pixels = min(size["shortest_edge"], max_pixels)
+    resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+    return {
+        "patch_size": ip.patch_size,
+        "merge_size": ip.merge_size,
+        "temporal_patch_size": ip.temporal_patch_size,
+        "min_pixels": int(min_pixels),
+        "max_pixels": int(max_pixels),
+        "image_mean": [float(v) for v in ip.image_mean],
+        "image_std": [float(v) for v in ip.image_std],
+        "rescale_factor": float(ip.rescale_factor),
+        "resample": resample[int(getattr(ip.resample, "value", ip.resample))],
+    }
+
+
+def _token_ids(tokenizer, config, generation_config) -> dict:
+    def tid(token: str) -> int:
+        value = tokenizer.convert_tokens_to_ids(token)
+        if value is None or value == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer: no id for {token}")
+        return int(value)
+
+    eos = generation_config.eos_token_id if generation_config is not None else None
+    eos_ids = sorted(
+        {int(e) for e in ([eos] if isinstance(eos, int) else (eos or []))}
+        | {tid("<|im_end|>"), tid("<|endoftext|>")}
+    )
+    pad = tokenizer.pad_token_id
+    return {
+        "image_pad_id": int(config.image_token_id),
+        "vision_start_id": int(config.vision_start_token_id),
+        "vision_end_id": tid("<|vision_end|>"),
+        "im_start_id": tid("<|im_start|>"),
+        "im_end_id": tid("<|im_end|>"),
+        "endoftext_id": tid("<|endoftext|>"),
+        "pad_id": int(pad) if pad is not None else tid("<|endoftext|>"),
+        "eos_ids": eos_ids,
+    }
+
+
+def _model_info(config, options: BundleOptions) -> dict:
+    text, vision = config.text_config, config.vision_config
+    rope = text.rope_parameters
+    return {
+        "name": options.name or options.model.name,
+        "source_model": str(options.model),
+        "adapter": str(options.adapter) if options.adapter is not None else None,
+        "dtype": options.settings.dtype,
+        "text": {
+            "hidden_size": text.hidden_size,
+            "num_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads,
+            "num_kv_heads": text.num_key_value_heads,
+            "head_dim": text.hidden_size // text.num_attention_heads,
+            "intermediate_size": text.intermediate_size,
+            "vocab_size": text.vocab_size,
+            "rms_norm_eps": float(text.rms_norm_eps),
+            "rope_theta": float(rope["rope_theta"]),
+            "mrope_section": [int(v) for v in rope["mrope_section"]],
+            "tie_word_embeddings": bool(config.tie_word_embeddings),
+        },
+        "vision": {
+            "hidden_size": vision.hidden_size,
+            "depth": vision.depth,
+            "num_heads": vision.num_heads,
+            "out_hidden_size": vision.out_hidden_size,
+            "window_size": vision.window_size,
+            "fullatt_block_indexes": list(vision.fullatt_block_indexes),
+            "patch_size": vision.patch_size,
+            "spatial_merge_size": vision.spatial_merge_size,
+            "temporal_patch_size": vision.temporal_patch_size,
+            "max_image_tokens": options.max_image_tokens,
+        },
+    }
+
+
+def manifest_data(
+    model, processor, graphs: dict, options: BundleOptions, bundle: Path, extra: dict
+) -> dict:
+    """The manifest dict for a bundle directory whose files are all written."""
+    config = model.config
+    text = config.text_config
+    files = {
+        p.name: file_entry(p)
+        for p in sorted(bundle.iterdir())
+        if p.is_file() and p.name != "manifest.json"
+    }
+    return {
+        "format": "gmner-bundle",
+        "format_version": 1,
+        "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "model": _model_info(config, options),
+        "kv_cache": {
+            "layout": ["batch", "kv_heads", "sequence", "head_dim"],
+            "num_layers": text.num_hidden_layers,
+            "num_kv_heads": text.num_key_value_heads,
+            "head_dim": text.hidden_size // text.num_attention_heads,
+            "dtype": options.settings.dtype,
+            "past_key": "past_key_{layer}",
+            "past_value": "past_value_{layer}",
+            "present_key": "present_key_{layer}",
+            "present_value": "present_value_{layer}",
+        },
+        "graphs": graphs,
+        "tokens": _token_ids(processor.tokenizer, config, model.generation_config),
+        "image_processor": _image_processor(processor, config, options.max_image_tokens),
+        "prompt": _prompt(processor),
+        "labels": list(LABELS),
+        "record_format_version": RECORD_FORMAT_VERSION,
+        "generation": {
+            "stop_strings": ["</answer>"],
+            "think_open": "<think>",
+            "think_close": "</think>",
+            "answer_open": "<answer>",
+            "answer_close": "</answer>",
+            "default_max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+        },
+        "files": files,
+        "exporter": _versions(),
+        **extra,
+    }
+
+
+def _fresh_dir(out: Path) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not an empty directory; choose a new --out")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def export_bundle(options: BundleOptions) -> Path:
+    """Merge, export, verify and write the bundle at ``options.out``; return its path."""
+    tmp = _fresh_dir(options.out)
+    started = time.perf_counter()
+    try:
+        model, processor, merge_report = load_merged(
+            options.model, options.adapter, dtype=options.settings.dtype
+        )
+        kept = cast_for_export(model, options.settings)
+        graphs = export_graphs(model, tmp, options.settings)
+        processor.tokenizer.save_pretrained(tmp, filename_prefix=None)
+        _keep_only_tokenizer_json(tmp)
+        extra = {"parity": None}
+        if options.verify:
+            extra["parity"] = _verify(model, processor, tmp, options.settings.dtype)
+        extra["parity"] = {
+            **(extra["parity"] or {}),
+            "merge": {
+                "kind": merge_report.kind,
+                "max_abs_logit_diff": merge_report.max_abs_logit_diff,
+            },
+            "fp32_vision_mlps": list(kept),
+        }
+        write_manifest(tmp, manifest_data(model, processor, graphs, options, tmp, extra))
+        load_bundle(tmp)  # the runtime's reader accepts what we wrote
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if options.out.exists():
+        options.out.rmdir()
+    os.replace(tmp, options.out)
+    log.info("bundle written to %s in %.1f s", options.out, time.perf_counter() - started)
+    return options.out
+
+
+def _keep_only_tokenizer_json(bundle: Path) -> None:
+    """The runtime reads tokenizer.json alone (the ``tokenizers`` library); drop the rest."""
+    if not (bundle / TOKENIZER_NAME).is_file():
+        raise FileNotFoundError(f"{bundle}: the tokenizer did not write {TOKENIZER_NAME}")
+    for name in (
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+    ):
+        (bundle / name).unlink(missing_ok=True)
+
+
+def _verify(model, processor, bundle: Path, dtype: str) -> dict:
+    from gmner_rt.backends.onnxruntime import KvLayout, OrtGraphs
+
+    from .parity import check_parity
+
+    text = model.config.text_config
+    kv = KvLayout(
+        text.num_hidden_layers,
+        text.num_key_value_heads,
+        text.hidden_size // text.num_attention_heads,
+        np.dtype(dtype),
+    )
+    graphs = OrtGraphs(
+        {n: bundle / f"{n}.onnx" for n in ("vision", "embedding", "decoder")},
+        kv,
+        providers=["CPUExecutionProvider"],
+    )
+    tokens = _token_ids(processor.tokenizer, model.config, model.generation_config)
+    report = check_parity(
+        model, processor, graphs, dtype, eos_ids=tokens["eos_ids"], pad_id=tokens["pad_id"]
+    )
+    return report.to_dict()

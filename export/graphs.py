@@ -1,0 +1,224 @@
+"""The three exportable graphs of Qwen2.5-VL: vision, embedding and decoder.
+
+Each is a small ``nn.Module`` over the weights of a loaded
+``Qwen2_5_VLForConditionalGeneration`` that computes exactly what the HF model computes, but
+with an I/O contract an ONNX or TensorRT graph can hold (see ``docs/bundle.md``):
+
+* every grid-dependent index of the vision tower (rotary positions, window permutation and
+  its inverse, attention segments) comes from the host (``gmner_rt.vision``), and the packed
+  variable-length attention is a block-diagonal additive mask built from the segment bounds;
+* the 3-row M-RoPE position ids come from the host; the graph turns them into cos/sin;
+* the decoder takes an explicit past KV cache and a 2-D key-padding mask and builds the
+  causal mask itself (offset by the past length); it returns logits for the last position only
+  (prefill never materialises ``[B, T, vocab]``).
+
+Attention is written out (scores, fp32 softmax, weighted sum) rather than through SDPA, so the
+exported graph is the same for prefill and decode and keeps softmax in fp32 in an fp16 graph.
+RMSNorms are HF's modules, which already compute in fp32. This module knows nothing about
+ONNX files, bundles or tokenization.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DecoderGraph", "EmbeddingGraph", "VisionGraph", "rotate_half", "segment_mask"]
+
+#: Additive mask value for a disallowed key; finite so fully masked (padding) rows stay finite.
+MASKED = torch.finfo(torch.float32).min
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[-x2, x1]`` for ``x = [x1, x2]`` split on the last axis (rotary embedding)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def segment_mask(cu_seqlens: torch.Tensor, length: torch.Tensor | int) -> torch.Tensor:
+    """Additive ``[1, 1, N, N]`` fp32 mask: 0 where two positions share a segment, else MASKED.
+
+    ``cu_seqlens`` holds the segment bounds ``[0, s1, s1+s2, ..., N]`` (as in flash-attention's
+    var-len API); position ``p`` is in segment ``sum(p >= cu_seqlens[1:])``.
+    """
+    positions = torch.arange(length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    segment = (positions[:, None] >= cu_seqlens[None, 1:]).to(torch.int64).sum(-1)
+    same = segment[:, None] == segment[None, :]
+    zero = torch.zeros((), dtype=torch.float32, device=cu_seqlens.device)
+    return torch.where(same, zero, MASKED)[None, None]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+    """Softmax attention with an additive fp32 mask; q/k/v ``[B, H, T, d]`` of equal heads."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + mask
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+class VisionGraph(nn.Module):
+    """Qwen2.5-VL's vision tower and merger with host-computed indices.
+
+    Inputs: ``pixel_values [P, C*T*p*p]``, ``rot_pos_ids [P, 2]`` (h, w of each patch in
+    processor order), ``window_index [G]`` and its inverse ``reverse_index [G]`` (G = P /
+    merge^2 merge groups), ``cu_seqlens [images+1]`` and ``cu_window_seqlens [windows+1]``
+    (segment bounds, in patches, of full and windowed attention). Output: ``image_embeds
+    [G, out_hidden]`` in processor order, what HF scatters into the image-pad positions.
+    """
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+        config = visual.config
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.unit = config.spatial_merge_size**2
+        self.full_attention = frozenset(config.fullatt_block_indexes)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        rot_pos_ids: torch.Tensor,
+        window_index: torch.Tensor,
+        reverse_index: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        cu_window_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        weight = self.visual.patch_embed.proj.weight  # Conv3d with kernel == stride: a matmul
+        hidden = F.linear(pixel_values.to(weight.dtype), weight.reshape(self.embed_dim, -1))
+        length = hidden.shape[0]
+        hidden = self._to_windows(hidden, window_index, length)
+        cos, sin = self._rotary(rot_pos_ids)
+        cos = self._to_windows(cos, window_index, length)
+        sin = self._to_windows(sin, window_index, length)
+        full_mask = segment_mask(cu_seqlens, length)
+        window_mask = segment_mask(cu_window_seqlens, length)
+        for index, block in enumerate(self.visual.blocks):
+            mask = full_mask if index in self.full_attention else window_mask
+            hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, mask)
+            hidden = hidden + block.mlp(block.norm2(hidden))
+        merged = self.visual.merger(hidden)
+        return merged[reverse_index]
+
+    def _to_windows(self, x: torch.Tensor, window_index: torch.Tensor, length) -> torch.Tensor:
+        """Reorder rows group-wise (``merge^2`` consecutive patches) into window order."""
+        return x.reshape(-1, self.unit, x.shape[-1])[window_index].reshape(length, -1)
+
+    def _rotary(self, rot_pos_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.visual.rotary_pos_emb.inv_freq.float()
+        freqs = rot_pos_ids[..., None].float() * inv_freq  # [P, 2, d/4]
+        freqs = torch.cat((freqs[:, 0], freqs[:, 1]), dim=-1)  # [P, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, d]
+        return emb.cos(), emb.sin()
+
+    def _attention(self, attn: nn.Module, x, cos, sin, mask) -> torch.Tensor:
+        length = x.shape[0]
+        qkv = attn.qkv(x).reshape(length, 3, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [heads, P, d]
+        q = self._rotate(q, cos, sin)
+        k = self._rotate(k, cos, sin)
+        out = _attend(q[None], k[None], v[None], mask, attn.scaling)[0]  # [heads, P, d]
+        return attn.proj(out.transpose(0, 1).reshape(length, -1))
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding in fp32, as HF's ``apply_rotary_pos_emb_vision``."""
+        xf = x.float()
+        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+class EmbeddingGraph(nn.Module):
+    """Token embedding: ``input_ids [B, T]`` -> ``inputs_embeds [B, T, hidden]``."""
+
+    def __init__(self, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+
+class DecoderGraph(nn.Module):
+    """The text decoder with an explicit KV cache; logits of the last position only.
+
+    Inputs: ``inputs_embeds [B, T, hidden]``, ``attention_mask [B, P+T]`` (1 real, 0 padding),
+    ``position_ids [3, B, T]`` (M-RoPE rows t, h, w), then ``past_key_i, past_value_i
+    [B, kv_heads, P, head_dim]`` for each layer. Outputs: ``logits [B, 1, vocab]``, then
+    ``present_key_i, present_value_i [B, kv_heads, P+T, head_dim]``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        language_model = model.model.language_model
+        config = language_model.config
+        self.layers = language_model.layers
+        self.norm = language_model.norm
+        self.lm_head = model.lm_head
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.mrope_section = tuple(language_model.rotary_emb.mrope_section)
+        self.register_buffer(
+            "inv_freq",
+            language_model.rotary_emb.inv_freq.detach().float().clone(),
+            persistent=False,
+        )
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        batch, length = inputs_embeds.shape[:2]
+        cos, sin = self._rotary(position_ids, inputs_embeds.dtype)  # [B, 1, T, d]
+        mask = self._mask(attention_mask, length)  # [B, 1, T, P+T]
+        hidden = inputs_embeds
+        presents: list[torch.Tensor] = []
+        for index, layer in enumerate(self.layers):
+            past_kv = (past[2 * index], past[2 * index + 1])
+            attn_out, key, value = self._attention(
+                layer.self_attn, layer.input_layernorm(hidden), cos, sin, mask, past_kv
+            )
+            presents += [key, value]
+            hidden = hidden + attn_out
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = self.lm_head(self.norm(hidden[:, -1:, :]))
+        return (logits, *presents)
+
+    def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """M-RoPE cos/sin ``[B, 1, T, head_dim]`` from 3-row position ids, as HF computes them."""
+        freqs = position_ids[..., None].float() * self.inv_freq  # [3, B, T, d/2]
+        chunks = torch.split(freqs, list(self.mrope_section), dim=-1)
+        freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)  # [B, T, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @staticmethod
+    def _mask(attention_mask: torch.Tensor, length) -> torch.Tensor:
+        """Causal (offset by the past length) AND key padding, as an additive fp32 mask."""
+        total = attention_mask.shape[1]
+        keys = torch.arange(total, device=attention_mask.device)
+        queries = torch.arange(length, device=attention_mask.device) + (total - length)
+        causal = keys[None, :] <= queries[:, None]  # [T, P+T]
+        allowed = causal[None] & (attention_mask[:, None, :] != 0)  # [B, T, P+T]
+        zero = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
+        return torch.where(allowed, zero, MASKED)[:, None]
+
+    def _attention(self, attn: nn.Module, x, cos, sin, mask, past_kv):
+        batch, length = x.shape[:2]
+        q = attn.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        key = torch.cat((past_kv[0], k), dim=2)
+        value = torch.cat((past_kv[1], v), dim=2)
+        out = _attend(q, self._repeat_kv(key), self._repeat_kv(value), mask, attn.scaling)
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        return attn.o_proj(out), key, value
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, kv, S, d]`` -> ``[B, heads, S, d]`` (grouped-query attention), as HF does."""
+        groups = self.num_heads // self.num_kv_heads
+        if groups == 1:
+            return x
+        batch, kv_heads, length, dim = x.shape
+        x = x[:, :, None].expand(batch, kv_heads, groups, length, dim)
+        return x.reshape(batch, kv_heads * groups, length, dim)

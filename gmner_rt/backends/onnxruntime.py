@@ -1,0 +1,147 @@
+"""The three bundle graphs run by onnxruntime: vision, embedding and one decoder call.
+
+A backend runs graphs on arrays and nothing else: it knows nothing about prompts, images,
+tokens or stopping (those are :mod:`gmner_rt.generate`'s). Arrays in and out are numpy; the
+KV cache is the list ``[key_0, value_0, key_1, value_1, ...]`` of ``[B, kv_heads, S, d]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OrtGraphs", "best_providers"]
+
+#: Preferred execution providers, best first.
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def best_providers() -> list[str]:
+    """The available execution providers in :data:`PROVIDER_ORDER`."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    return [p for p in PROVIDER_ORDER if p in available]
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """Shape facts of the decoder's KV cache."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: np.dtype
+
+
+def _session(path: Path, providers: Sequence[str] | None, threads: int | None):
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise BackendError(f"{path}: graph file missing")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(
+            str(path), options, providers=list(providers or best_providers())
+        )
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise BackendError(f"{path}: onnxruntime could not load it ({exc})") from exc
+
+
+class OrtGraphs:
+    """onnxruntime sessions for ``vision.onnx``, ``embedding.onnx`` and ``decoder.onnx``."""
+
+    def __init__(
+        self,
+        files: Mapping[str, str | Path],
+        kv: KvLayout,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ):
+        self.kv = kv
+        self.vision = _session(Path(files["vision"]), providers, threads)
+        self.embedding = _session(Path(files["embedding"]), providers, threads)
+        self.decoder = _session(Path(files["decoder"]), providers, threads)
+        self._past_names = [
+            f"past_{kind}_{layer}" for layer in range(kv.num_layers) for kind in ("key", "value")
+        ]
+        self._outputs = [o.name for o in self.decoder.get_outputs()]
+
+    @classmethod
+    def from_bundle(cls, bundle, *, providers=None, threads=None) -> OrtGraphs:
+        """Sessions for a validated :class:`gmner_rt.bundle.Bundle`."""
+        m = bundle.manifest
+        files = {name: bundle.file(spec.file) for name, spec in m.graphs.items()}
+        kv = KvLayout(
+            m.kv_cache.num_layers,
+            m.kv_cache.num_kv_heads,
+            m.kv_cache.head_dim,
+            np.dtype(m.kv_cache.dtype),
+        )
+        threads = threads if threads is not None else _env_threads()
+        return cls(files, kv, providers=providers, threads=threads)
+
+    def encode_images(self, pixel_values: np.ndarray, indices) -> np.ndarray:
+        """``image_embeds [groups, hidden]`` for packed images and their host-side indices."""
+        feeds = {
+            "pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
+            "rot_pos_ids": indices.rot_pos_ids,
+            "window_index": indices.window_index,
+            "reverse_index": indices.reverse_index,
+            "cu_seqlens": indices.cu_seqlens,
+            "cu_window_seqlens": indices.cu_window_seqlens,
+        }
+        return self.vision.run(None, feeds)[0]
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        """``inputs_embeds [B, T, hidden]`` for ``input_ids [B, T]``."""
+        return self.embedding.run(None, {"input_ids": input_ids.astype(np.int64, copy=False)})[0]
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        """A KV cache of past length 0."""
+        shape = (batch, self.kv.num_kv_heads, 0, self.kv.head_dim)
+        return [np.zeros(shape, dtype=self.kv.dtype) for _ in self._past_names]
+
+    def decode(
+        self,
+        inputs_embeds: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: Sequence[np.ndarray],
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder call: ``(logits [B, vocab] of the last position, present cache)``."""
+        feeds = {
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask.astype(np.int64, copy=False),
+            "position_ids": position_ids.astype(np.int64, copy=False),
+        }
+        feeds.update(zip(self._past_names, past, strict=True))
+        outputs = self.decoder.run(self._outputs, feeds)
+        return outputs[0][:, -1, :], outputs[1:]
+
+
+def _env_threads() -> int | None:
+    value = os.environ.get("GMNER_THREADS")
+    if value is None:
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        raise BackendError(f"GMNER_THREADS: expected a positive integer, got {value!r}") from None
+    if threads <= 0:
+        raise BackendError(f"GMNER_THREADS: expected a positive integer, got {value!r}")
+    return threads

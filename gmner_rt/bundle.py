@@ -1,0 +1,633 @@
+"""The bundle manifest: the one contract between the exporter and the runtime.
+
+A bundle is a directory holding ``manifest.json``, ``tokenizer.json`` and three ONNX graphs
+(vision, embedding, decoder), possibly with external data files. This module reads and
+validates ``manifest.json`` and checks that every file it lists is present and unchanged
+(size and sha256); the runtime reads nothing else about a bundle. The exporter writes the
+manifest with :func:`write_manifest` and hashes files with :func:`file_entry`, so both sides
+share one definition. Every error is a :class:`~gmner_rt.errors.BundleError` naming the file
+and the field path (``model.text.hidden_size``).
+
+This module knows nothing of ONNX, tokenizers or inference: graph files are opaque bytes here,
+and tensor names, dtypes and shapes are only what the manifest declares. See docs/bundle.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+from .records import RECORD_FORMAT_VERSION
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "GRAPH_NAMES", "MANIFEST_NAME", "TOKENIZER_NAME"]
+__all__ += ["SUPPORTED_FORMAT_VERSIONS", "Bundle", "FileEntry", "GenerationSpec", "GraphSpec"]
+__all__ += ["KvCacheSpec", "Manifest", "ModelInfo", "PromptSpec", "TensorSpec", "TextConfig"]
+__all__ += ["TokenIds", "VisionConfig", "file_entry", "load_bundle", "manifest_to_dict"]
+__all__ += ["parse_manifest", "write_manifest"]
+
+FORMAT = "gmner-bundle"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+GRAPH_NAMES = ("vision", "embedding", "decoder")
+MODEL_DTYPES = ("float32", "float16")
+TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+KV_LAYOUT = ("batch", "kv_heads", "sequence", "head_dim")
+#: Tensors each graph must declare (the decoder also needs one past/present pair per layer).
+REQUIRED_IO = {
+    "vision": (
+        ("pixel_values", "rot_pos_ids", "window_index", "reverse_index", "cu_seqlens")
+        + ("cu_window_seqlens",),
+        ("image_embeds",),
+    ),
+    "embedding": (("input_ids",), ("inputs_embeds",)),
+    "decoder": (("inputs_embeds", "attention_mask", "position_ids"), ("logits",)),
+}
+_PLACEHOLDERS = {
+    "chat_template": ("{system}", "{image}", "{instruction}"),
+    "image": ("{image_pads}",),
+    "instruction_think": ("{text}",),
+    "instruction_answer_only": ("{text}",),
+}
+_IMAGE_KEYS = ("patch_size", "merge_size", "temporal_patch_size", "min_pixels")
+_IMAGE_KEYS += ("max_pixels", "image_mean", "image_std", "rescale_factor", "resample")
+_IMAGE_VS_VISION = {"patch_size": "patch_size", "merge_size": "spatial_merge_size"}
+_IMAGE_VS_VISION["temporal_patch_size"] = "temporal_patch_size"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output; a str dim is symbolic (dynamic), an int dim is fixed."""
+
+    name: str
+    dtype: str  # one of TENSOR_DTYPES
+    shape: tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph: its file, its external-data file (or None) and its declared I/O."""
+
+    file: str
+    data_file: str | None
+    opset: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        """The declared input ``name``; KeyError when the graph has none."""
+        return {t.name: t for t in self.inputs}[name]
+
+    def output(self, name: str) -> TensorSpec:
+        """The declared output ``name``; KeyError when the graph has none."""
+        return {t.name: t for t in self.outputs}[name]
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The language model's shape (Qwen2.5-VL text config)."""
+
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]  # (t, h, w) rotary pairs; sums to head_dim / 2
+    tie_word_embeddings: bool
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower's shape; max_image_tokens caps merged image tokens (None: no cap)."""
+
+    hidden_size: int
+    depth: int
+    num_heads: int
+    out_hidden_size: int
+    window_size: int
+    fullatt_block_indexes: tuple[int, ...]
+    patch_size: int
+    spatial_merge_size: int
+    temporal_patch_size: int
+    max_image_tokens: int | None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was exported: names, LoRA adapter (or None), graph dtype and shapes."""
+
+    name: str
+    source_model: str
+    adapter: str | None
+    dtype: str  # one of MODEL_DTYPES
+    text: TextConfig
+    vision: VisionConfig
+
+
+@dataclass(frozen=True)
+class KvCacheSpec:
+    """The decoder's KV cache; tensor names are templates with a ``{layer}`` placeholder."""
+
+    layout: tuple[str, ...]  # always KV_LAYOUT
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    past_key: str
+    past_value: str
+    present_key: str
+    present_value: str
+
+    def past_key_name(self, layer: int) -> str:
+        return self.past_key.replace("{layer}", str(layer))
+
+    def past_value_name(self, layer: int) -> str:
+        return self.past_value.replace("{layer}", str(layer))
+
+    def present_key_name(self, layer: int) -> str:
+        return self.present_key.replace("{layer}", str(layer))
+
+    def present_value_name(self, layer: int) -> str:
+        return self.present_value.replace("{layer}", str(layer))
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Special token ids of the bundle's tokenizer; generation stops at any of eos_ids."""
+
+    image_pad_id: int
+    vision_start_id: int
+    vision_end_id: int
+    im_start_id: int
+    im_end_id: int
+    endoftext_id: int
+    pad_id: int
+    eos_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """Prompt texts; placeholders are filled with ``str.replace``, never ``str.format``."""
+
+    system: str
+    chat_template: str  # {system}, {image}, {instruction}
+    image: str  # {image_pads}
+    instruction_think: str  # {text}
+    instruction_answer_only: str  # {text}
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Stop strings, the answer's tags and the default generation budget."""
+
+    stop_strings: tuple[str, ...]
+    think_open: str
+    think_close: str
+    answer_open: str
+    answer_close: str
+    default_max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """Size in bytes and lowercase hex sha256 of one bundle file."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest.json. Treat the dicts as read-only."""
+
+    format_version: int
+    created_utc: str
+    model: ModelInfo
+    kv_cache: KvCacheSpec
+    graphs: dict[str, GraphSpec]  # exactly GRAPH_NAMES
+    tokens: TokenIds
+    image_processor: dict[str, Any]  # validated here; the image settings class reads it
+    prompt: PromptSpec
+    labels: tuple[str, ...]
+    record_format_version: int
+    generation: GenerationSpec
+    files: dict[str, FileEntry]  # every bundle file but manifest.json
+    exporter: dict[str, str | None]  # free-form: package versions
+    parity: dict[str, Any] | None  # free-form: the export-time parity report
+    extra: dict[str, Any]  # unknown top-level keys, kept for newer readers
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded bundle: its directory and its validated manifest."""
+
+    path: Path
+    manifest: Manifest
+
+    def file(self, name: str) -> Path:
+        """The path of a file the manifest lists (e.g. ``graphs["decoder"].file``)."""
+        if name not in self.manifest.files:
+            raise BundleError(f"{self.path}: {name!r} is not listed in {MANIFEST_NAME}")
+        return self.path / name
+
+
+# --- the field reader -----------------------------------------------------------------------
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not 1
+
+
+def _is_number(v: object) -> bool:
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+_KINDS = {
+    "int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "int0": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "float": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "number": (_is_number, "a number"),
+    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "str0": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "dim": (
+        lambda v: (isinstance(v, str) and v != "") or (_is_int(v) and v >= 0),
+        "a dimension (a non-empty string or a non-negative integer)",
+    ),
+    "sha256": (
+        lambda v: isinstance(v, str) and len(v) == 64 and set(v) <= set("0123456789abcdef"),
+        "64 lowercase hex digits",
+    ),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+}
+#: Dataclass annotations -> the kind of their list items (read by :func:`_read`).
+_ITEM_KINDS = {"tuple[int, ...]": "int0", "tuple[str, ...]": "str", "tuple[str | int, ...]": "dim"}
+
+
+def _show(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _join(at: str, key: str) -> str:
+    if not at or not key:
+        return at or key
+    return f"{at}.{key}" if key.isidentifier() else f"{at}[{json.dumps(key)}]"
+
+
+class _Fields:
+    """One JSON object of the manifest: typed reads that raise errors naming the field path."""
+
+    def __init__(self, data: object, at: str, source: str, keys: tuple[str, ...] | None):
+        self.at, self.source = at, source
+        if not isinstance(data, dict):
+            raise self.error(at, f"expected an object, got {_show(data)}")
+        self.data: dict[str, Any] = data
+        for key in data if keys is not None else ():
+            if key not in keys:
+                near = difflib.get_close_matches(str(key), keys, n=1)
+                hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(keys)}"
+                raise self.error(_join(at, key), f"unknown key ({hint})")
+
+    def error(self, at: str, message: str) -> BundleError:
+        return BundleError(f"{self.source}: {at}: {message}" if at else f"{self.source}: {message}")
+
+    def check(self, ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise self.error(_join(self.at, key), message)
+
+    def equal(self, key: str, value: Any, expected: Any, what: str = "") -> None:
+        message = f"expected {what + ' = ' if what else ''}{_show(expected)}, got {_show(value)}"
+        self.check(value == expected, key, message)
+
+    def one_of(self, key: str, value: str, options: tuple[str, ...]) -> None:
+        self.check(value in options, key, f"expected one of {', '.join(options)}, got {value!r}")
+
+    def raw(self, key: str) -> Any:
+        self.check(key in self.data, key, "required field missing")
+        return self.data[key]
+
+    def value(self, key: str, kind: str, *, nullable: bool = False) -> Any:
+        return self._expect(self.raw(key), _join(self.at, key), kind, nullable)
+
+    def list_(self, key: str, kind: str, *, length: int | None = None) -> tuple:
+        items, at = self.raw(key), _join(self.at, key)
+        if not isinstance(items, list) or (length is not None and len(items) != length):
+            size = "a list" if length is None else f"a list of {length}"
+            raise self.error(at, f"expected {size}, got {_show(items)}")
+        return tuple(self._expect(v, f"{at}[{i}]", kind, False) for i, v in enumerate(items))
+
+    def section(self, key: str, keys: tuple[str, ...] | None) -> _Fields:
+        return _Fields(self.raw(key), _join(self.at, key), self.source, keys)
+
+    def sections(self, key: str, keys: tuple[str, ...]) -> list[_Fields]:
+        at = _join(self.at, key)
+        return [
+            _Fields(v, f"{at}[{i}]", self.source, keys)
+            for i, v in enumerate(self.list_(key, "object"))
+        ]
+
+    def _expect(self, value: Any, at: str, kind: str, nullable: bool) -> Any:
+        if value is None and nullable:
+            return None
+        test, what = _KINDS[kind]
+        if not test(value):
+            raise self.error(
+                at, f"expected {what}{' or null' if nullable else ''}, got {_show(value)}"
+            )
+        return value
+
+
+def _keys(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def _read(f: _Fields, cls: type, *, skip: tuple[str, ...] = (), ints: str = "int") -> dict:
+    """Reads each field of dataclass ``cls`` by its annotation; the caller reads ``skip``."""
+    out = {}
+    for field in fields(cls):
+        base = str(field.type).removesuffix(" | None")
+        if field.name in skip:
+            continue
+        if base in _ITEM_KINDS:
+            out[field.name] = f.list_(field.name, _ITEM_KINDS[base])
+        else:
+            kind = ints if base == "int" else base
+            out[field.name] = f.value(field.name, kind, nullable=base != field.type)
+    return out
+
+
+def _path_problem(name: str) -> str | None:
+    if "\\" in name:
+        return "contains a backslash"
+    if name.startswith("/") or name[1:2] == ":":
+        return "is an absolute path"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "is not a plain relative path inside the bundle"
+    return None
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+def _model(f: _Fields) -> ModelInfo:
+    t = f.section("text", _keys(TextConfig))
+    text = TextConfig(**_read(t, TextConfig))
+    heads, d, mrope = text.num_attention_heads, text.head_dim, text.mrope_section
+    t.equal("hidden_size", text.hidden_size, heads * d, "num_attention_heads * head_dim")
+    t.check(heads % text.num_kv_heads == 0, "num_kv_heads", "must divide num_attention_heads")
+    t.check(len(mrope) == 3, "mrope_section", "expected 3 sections (t, h, w)")
+    half = f"head_dim / 2 = {d / 2:g}"
+    t.check(2 * sum(mrope) == d, "mrope_section", f"sums to {sum(mrope)}, expected {half}")
+    v = f.section("vision", _keys(VisionConfig))
+    vision = VisionConfig(**_read(v, VisionConfig))
+    v.check(vision.hidden_size % vision.num_heads == 0, "num_heads", "must divide hidden_size")
+    deep = all(i < vision.depth for i in vision.fullatt_block_indexes)
+    v.check(deep, "fullatt_block_indexes", f"each index must be < depth {vision.depth}")
+    model = ModelInfo(**_read(f, ModelInfo, skip=("text", "vision")), text=text, vision=vision)
+    f.one_of("dtype", model.dtype, MODEL_DTYPES)
+    return model
+
+
+def _kv_cache(f: _Fields, model: ModelInfo) -> KvCacheSpec:
+    kv = KvCacheSpec(**_read(f, KvCacheSpec))
+    f.equal("layout", list(kv.layout), list(KV_LAYOUT))
+    for key in ("num_layers", "num_kv_heads", "head_dim"):
+        f.equal(key, getattr(kv, key), getattr(model.text, key), f"model.text.{key}")
+    f.equal("dtype", kv.dtype, model.dtype, "model.dtype")
+    for key in ("past_key", "past_value", "present_key", "present_value"):
+        f.check("{layer}" in getattr(kv, key), key, "missing placeholder '{layer}'")
+    return kv
+
+
+def _tensors(g: _Fields, key: str) -> tuple[TensorSpec, ...]:
+    specs: list[TensorSpec] = []
+    for t in g.sections(key, _keys(TensorSpec)):
+        spec = TensorSpec(**_read(t, TensorSpec))
+        t.one_of("dtype", spec.dtype, TENSOR_DTYPES)
+        t.check(spec.name not in {s.name for s in specs}, "name", f"{spec.name!r} declared twice")
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _required_io(name: str, kv: KvCacheSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    inputs, outputs = REQUIRED_IO[name]
+    if name == "decoder":
+        for i in range(kv.num_layers):
+            inputs += (kv.past_key_name(i), kv.past_value_name(i))
+            outputs += (kv.present_key_name(i), kv.present_value_name(i))
+    return inputs, outputs
+
+
+def _graph(g: _Fields, name: str, kv: KvCacheSpec, files: dict[str, FileEntry]) -> GraphSpec:
+    ins, outs = _tensors(g, "inputs"), _tensors(g, "outputs")
+    spec = GraphSpec(**_read(g, GraphSpec, skip=("inputs", "outputs")), inputs=ins, outputs=outs)
+    for key in ("file", "data_file"):
+        if (value := getattr(spec, key)) is not None:
+            g.check(_path_problem(value) is None, key, f"{value!r} {_path_problem(value)}")
+            g.check(value in files, key, f"{value!r} is not listed in files")
+    need_in, need_out = _required_io(name, kv)
+    for key, declared, required in (("inputs", ins, need_in), ("outputs", outs, need_out)):
+        missing = [n for n in required if n not in {s.name for s in declared}]
+        g.check(not missing, key, f"missing required tensors: {', '.join(missing)}")
+    return spec
+
+
+def _tokens(f: _Fields, vocab_size: int) -> TokenIds:
+    tokens = TokenIds(**_read(f, TokenIds, ints="int0"))
+    f.check(len(tokens.eos_ids) > 0, "eos_ids", "expected at least one id")
+    vocabulary = f"the vocabulary [0, {vocab_size})"
+    for key in _keys(TokenIds):
+        value = getattr(tokens, key)
+        for token in value if isinstance(value, tuple) else (value,):
+            f.check(token < vocab_size, key, f"id {token} is outside {vocabulary}")
+    return tokens
+
+
+def _image_processor(f: _Fields, vision: VisionConfig) -> dict[str, Any]:
+    for key in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels"):
+        f.value(key, "int")
+    f.list_("image_mean", "number", length=3)
+    f.list_("image_std", "float", length=3)
+    f.value("rescale_factor", "float")
+    f.value("resample", "str")
+    low, high = f.data["min_pixels"], f.data["max_pixels"]
+    f.check(low <= high, "min_pixels", f"{low} exceeds max_pixels {high}")
+    for key, ours in _IMAGE_VS_VISION.items():
+        f.equal(key, f.data[key], getattr(vision, ours), f"model.vision.{ours}")
+    return copy.deepcopy(f.data)
+
+
+def _prompt(f: _Fields) -> PromptSpec:
+    prompt = PromptSpec(system=f.value("system", "str0"), **_read(f, PromptSpec, skip=("system",)))
+    for key, needed in _PLACEHOLDERS.items():
+        for mark in needed:
+            f.check(mark in getattr(prompt, key), key, f"missing placeholder {mark!r}")
+    return prompt
+
+
+def _labels(f: _Fields) -> tuple[str, ...]:
+    labels = f.list_("labels", "str")
+    f.check(len(labels) > 0, "labels", "expected at least one label")
+    for i, label in enumerate(labels):
+        plain = label.strip() != "" and not set(label) & set("|;")
+        f.check(plain, f"labels[{i}]", f"{label!r} is blank or holds '|' or ';'")
+        f.check(label not in labels[:i], f"labels[{i}]", f"duplicate label {label!r}")
+    return labels
+
+
+def _files(f: _Fields) -> dict[str, FileEntry]:
+    files = {}
+    for name in f.data:
+        f.check(_path_problem(name) is None, name, f"file name {_path_problem(name)}")
+        f.check(name != MANIFEST_NAME, name, f"{MANIFEST_NAME} does not list itself")
+        e = f.section(name, _keys(FileEntry))
+        files[name] = FileEntry(size=e.value("size", "int0"), sha256=e.value("sha256", "sha256"))
+    f.check(TOKENIZER_NAME in files, "", f"{TOKENIZER_NAME!r} is not listed")
+    return files
+
+
+# --- public API -----------------------------------------------------------------------------
+
+
+def _check_versions(f: _Fields) -> int:
+    fmt = f.value("format", "str")
+    f.check(fmt == FORMAT, "format", f"expected {FORMAT!r}, got {fmt!r}: not a gmner bundle")
+    version = f.value("format_version", "int")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        supported = ", ".join(map(str, SUPPORTED_FORMAT_VERSIONS))
+        message = f"format_version {version} is not supported by this gmner_rt"
+        raise f.error("", f"{message} (supports {supported}); upgrade gmner_rt or re-export")
+    records = f.value("record_format_version", "int")
+    ours = RECORD_FORMAT_VERSION
+    message = f"the model writes record format {records}, this gmner_rt reads {ours}"
+    f.check(records == ours, "record_format_version", f"{message}; re-export or upgrade gmner_rt")
+    return version
+
+
+def parse_manifest(data: dict, *, source: str = MANIFEST_NAME) -> Manifest:
+    """Validates a decoded manifest; errors start with ``source`` and name the field path."""
+    f = _Fields(data, "", source, None)
+    version = _check_versions(f)
+    model = _model(f.section("model", _keys(ModelInfo)))
+    kv = _kv_cache(f.section("kv_cache", _keys(KvCacheSpec)), model)
+    files = _files(f.section("files", None))
+    g = f.section("graphs", GRAPH_NAMES)
+    exporter = f.section("exporter", None)
+    known = {"format", *_keys(Manifest)} - {"extra"}
+    return Manifest(
+        format_version=version,
+        created_utc=f.value("created_utc", "str"),
+        model=model,
+        kv_cache=kv,
+        graphs={n: _graph(g.section(n, _keys(GraphSpec)), n, kv, files) for n in GRAPH_NAMES},
+        tokens=_tokens(f.section("tokens", _keys(TokenIds)), model.text.vocab_size),
+        image_processor=_image_processor(f.section("image_processor", _IMAGE_KEYS), model.vision),
+        prompt=_prompt(f.section("prompt", _keys(PromptSpec))),
+        labels=_labels(f),
+        record_format_version=f.data["record_format_version"],
+        generation=GenerationSpec(
+            **_read(f.section("generation", _keys(GenerationSpec)), GenerationSpec)
+        ),
+        files=files,
+        exporter={key: exporter.value(key, "str0", nullable=True) for key in exporter.data},
+        parity=copy.deepcopy(f.value("parity", "object", nullable=True)),
+        extra={key: copy.deepcopy(value) for key, value in data.items() if key not in known},
+    )
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
+    """The JSON form of ``manifest``: ``manifest_to_dict(parse_manifest(d)) == d``."""
+    data = _plain(manifest)
+    extra = data.pop("extra")
+    return {"format": FORMAT, **data, **extra}
+
+
+def file_entry(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of a file, read in 1 MiB chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BundleError(
+            f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _verify_file(path: Path, entry: FileEntry, verify_hash: bool) -> None:
+    if not path.is_file():
+        raise BundleError(f"{path}: listed in {MANIFEST_NAME} but missing")
+    size = path.stat().st_size
+    if size != entry.size:
+        why = "the file is truncated or changed after export"
+        raise BundleError(f"{path}: size {size} bytes, manifest says {entry.size}: {why}")
+    if verify_hash and (digest := file_entry(path)["sha256"]) != entry.sha256:
+        hashes = f"manifest {entry.sha256[:8]}..., file {digest[:8]}..."
+        raise BundleError(f"{path}: sha256 mismatch ({hashes}): the file changed after export")
+
+
+def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True) -> Bundle:
+    """Reads and validates ``path/manifest.json`` and checks every listed file's size (and
+    sha256 unless ``verify_hashes`` is False: hashing a multi-GB bundle takes seconds)."""
+    root = Path(path)
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError(f"{root} is not a gmner bundle: {MANIFEST_NAME} missing")
+    manifest = parse_manifest(_read_json(manifest_path), source=str(manifest_path))
+    for name, entry in manifest.files.items():
+        _verify_file(root / name, entry, verify_hashes)
+    return Bundle(root, manifest)
+
+
+def write_manifest(bundle_dir: str | os.PathLike, data: dict) -> Path:
+    """Validates ``data`` and writes it as ``bundle_dir/manifest.json``, atomically."""
+    target = Path(bundle_dir) / MANIFEST_NAME
+    parse_manifest(data, source=str(target))
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".manifest.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,271 @@
+"""Export: merge, the three ONNX graphs, parity against PyTorch, and the bundle they make.
+
+The tiny model gets a LoRA adapter trained for a few steps at a high learning rate, so the
+merged weights differ from the base; every export here runs the built-in parity check.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from gmner.export.build import BundleOptions, export_bundle  # noqa: E402
+from gmner.export.merge import MergeError, load_merged, merge  # noqa: E402
+from gmner.export.onnx_export import ExportSettings  # noqa: E402
+from gmner.export.parity import ParityError, check_parity  # noqa: E402
+from gmner.runtime.cli import main as gmner_main  # noqa: E402
+from gmner.train.config import load_config  # noqa: E402
+from gmner.train.loop import train  # noqa: E402
+from gmner.train.tiny_model import PRESETS, build_tiny_model  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from gmner_rt.backends.onnxruntime import KvLayout, OrtGraphs  # noqa: E402
+from gmner_rt.bundle import load_bundle  # noqa: E402
+from gmner_rt.data import load_split  # noqa: E402
+
+FIXTURE = Path(__file__).parent / "fixtures" / "twitter-gmner-v2"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny, tmp_path_factory) -> Path:
+    """A LoRA adapter trained for 3 steps (lr 5e-3): merged weights visibly differ."""
+    images = tmp_path_factory.mktemp("images")
+    for t in [*load_split(FIXTURE, "train"), *load_split(FIXTURE, "dev")]:
+        w, h = t.image_size or (320, 240)
+        Image.new("RGB", (w, h), (40, 90, 150)).save(images / f"{t.img_id}.jpg")
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config(
+        None,
+        {
+            "model.path": str(tiny),
+            "data.dir": str(FIXTURE),
+            "data.images": str(images),
+            "data.use_cot": False,
+            "output.dir": str(run),
+            "optim.batch_size": 2,
+            "optim.grad_accum": 1,
+            "optim.epochs": 1,
+            "data.limit": 6,
+            "eval.enabled": False,
+            "model.min_pixels": 56 * 56,
+            "model.max_pixels": 224 * 224,
+            "optim.lr": 5e-3,
+        },
+    )
+    train(cfg)
+    return run / "checkpoints" / (run / "latest").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny, adapter, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "fp32"
+    return export_bundle(BundleOptions(model=tiny, adapter=adapter, out=out))
+
+
+def _lora_b_norm(adapter: Path) -> float:
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    return sum(float(v.norm()) for k, v in weights.items() if "lora_B" in k)
+
+
+def test_fp32_bundle_passes_parity_with_identical_greedy_tokens(bundle, adapter):
+    assert _lora_b_norm(adapter) > 0.01  # the adapter is not a no-op
+    manifest = load_bundle(bundle).manifest
+    parity = manifest.parity
+    assert parity["passed"] and parity["dtype"] == "float32"
+    assert parity["merge"]["kind"] == "lora"
+    assert len(parity["greedy"]) == 5  # three batch-1 probes, one batch-2 probe (2 rows)
+    assert all(g["agreed"] == g["length"] == 32 for g in parity["greedy"])
+    errors = parity["max_relative_error"]
+    assert set(errors) == {"vision", "embedding", "decoder"}
+    assert {"logits@prefill", "logits@step", "present_key@prefill", "present_value@step"} <= set(
+        errors["decoder"]
+    )
+    assert max(max(v.values()) for v in errors.values()) < 1e-4
+
+
+def test_bundle_files_and_manifest(bundle, tiny):
+    names = sorted(p.name for p in bundle.iterdir())
+    assert names == [
+        "decoder.onnx",
+        "embedding.onnx",
+        "manifest.json",
+        "tokenizer.json",
+        "vision.onnx",
+    ]
+    m = load_bundle(bundle).manifest
+    config = json.loads((tiny / "config.json").read_text())
+    assert m.model.text.vocab_size == config["text_config"]["vocab_size"]
+    assert m.tokens.image_pad_id == config["image_token_id"]
+    assert m.image_processor["max_pixels"] == 224 * 224  # the adapter's training bounds
+    assert m.graphs["decoder"].output("logits").shape == ("batch", 1, m.model.text.vocab_size)
+    assert m.prompt.chat_template.startswith("<|im_start|>system\n{system}<|im_end|>")
+    assert m.labels == ("PER", "LOC", "ORG", "OTHER")
+    assert m.exporter["torch"] and m.exporter["onnxruntime"]
+
+
+def test_graph_io_are_dynamic(bundle):
+    import onnx
+
+    decoder = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False)
+    shapes = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in list(decoder.graph.input) + list(decoder.graph.output)
+    }
+    assert shapes["inputs_embeds"][:2] == ["batch", "sequence"]
+    assert shapes["past_key_0"][2] == "past_sequence"
+    assert shapes["present_value_1"][2] == "total_sequence"
+    assert shapes["position_ids"] == [3, "batch", "sequence"]
+    vision = onnx.load(str(bundle / "vision.onnx"), load_external_data=False)
+    assert [d.dim_param for d in vision.graph.input[0].type.tensor_type.shape.dim][0] == (
+        "num_patches"
+    )
+
+
+def test_fp16_export_keeps_last_vision_mlp_fp32_and_passes(tiny, adapter, tmp_path):
+    out = export_bundle(
+        BundleOptions(
+            model=tiny,
+            adapter=adapter,
+            out=tmp_path / "fp16",
+            settings=ExportSettings(dtype="float16"),
+        )
+    )
+    m = load_bundle(out).manifest
+    assert m.model.dtype == "float16" and m.kv_cache.dtype == "float16"
+    assert m.parity["fp32_vision_mlps"] == [1]  # tiny has 2 vision blocks
+    assert m.parity["passed"] and m.parity["tolerance"] == pytest.approx(2e-2)
+    assert m.graphs["decoder"].input("inputs_embeds").dtype == "float16"
+    assert m.graphs["vision"].input("pixel_values").dtype == "float32"
+
+
+def test_parity_names_the_graph_and_tensor_that_differ(bundle, tiny, adapter):
+    model, processor, _ = load_merged(tiny, adapter)
+    m = load_bundle(bundle).manifest
+    graphs = OrtGraphs(
+        {n: bundle / f"{n}.onnx" for n in ("vision", "embedding", "decoder")},
+        KvLayout(
+            m.kv_cache.num_layers, m.kv_cache.num_kv_heads, m.kv_cache.head_dim, np.dtype("float32")
+        ),
+    )
+    with torch.no_grad():
+        model.model.language_model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    with pytest.raises(ParityError) as caught:
+        check_parity(
+            model, processor, graphs, "float32", eos_ids=m.tokens.eos_ids, pad_id=m.tokens.pad_id
+        )
+    message = str(caught.value)
+    assert "decoder.onnx logits on batch0[224x160]:prefill" in message
+    assert "vision.onnx" not in message  # only the changed graph is named
+    assert "present_key_1" in message and "relative" in message
+    assert "present_key_0" not in message  # layer 0 attention comes before the change
+
+
+def test_tied_embeddings_and_external_data(tmp_path, monkeypatch):
+    monkeypatch.setitem(PRESETS, "tiny-tied", replace(PRESETS["tiny"], tie_word_embeddings=True))
+    model_dir = build_tiny_model(tmp_path / "tied", preset="tiny-tied")
+    out = export_bundle(
+        BundleOptions(
+            model=model_dir,
+            adapter=None,
+            out=tmp_path / "bundle",
+            settings=ExportSettings(max_inline_bytes=1),  # force external data on every graph
+        )
+    )
+    m = load_bundle(out).manifest
+    assert m.model.text.tie_word_embeddings
+    for name in ("vision", "embedding", "decoder"):
+        assert m.graphs[name].data_file == f"{name}.onnx.data"
+        assert (out / f"{name}.onnx.data").stat().st_size > 10_000
+        assert (out / f"{name}.onnx").stat().st_size < 200_000
+    assert m.parity["passed"] and m.parity["merge"]["kind"] == "base"
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_gives_the_same_parity(tiny, tmp_path):
+    out = export_bundle(
+        BundleOptions(
+            model=tiny,
+            adapter=None,
+            out=tmp_path / "dynamo",
+            settings=ExportSettings(exporter="dynamo"),
+        )
+    )
+    m = load_bundle(out).manifest
+    assert m.parity["passed"]
+    assert all(g["agreed"] == 32 for g in m.parity["greedy"])
+
+
+def test_merge_writes_a_model_dir_and_is_idempotent(tiny, adapter, tmp_path):
+    out = merge(tiny, adapter, tmp_path / "merged")
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["kind"] == "lora" and info["max_abs_logit_diff"] < 1e-4
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert merge(tiny, adapter, out) == out  # same inputs: nothing to do
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    # The merged directory exports without an adapter and its graphs match the merged model.
+    merged_model, _, report = load_merged(out)
+    ref_model, _, _ = load_merged(tiny, adapter)
+    assert report.kind == "base"
+    for (name, a), (_, b) in zip(
+        merged_model.state_dict().items(), ref_model.state_dict().items(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_merge_errors_name_the_missing_file(tiny, adapter, tmp_path):
+    broken = tmp_path / "adapter"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    with pytest.raises(MergeError, match=r"adapter\S* .*missing adapter weights"):
+        merge(tiny, broken, tmp_path / "out")
+    with pytest.raises(MergeError, match="missing adapter_config.json"):
+        merge(tiny, tmp_path, tmp_path / "out2")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    with pytest.raises(MergeError, match="not empty"):
+        merge(tiny, adapter, tmp_path / "taken")
+
+
+def test_cli_export_and_its_errors(tiny, tmp_path, caplog):
+    out = tmp_path / "b"
+    code = gmner_main(
+        [
+            "export",
+            "--model",
+            str(tiny),
+            "--out",
+            str(out),
+            "--no-verify",
+            "--max-image-tokens",
+            "16",
+        ]
+    )
+    assert code == 0
+    m = load_bundle(out).manifest
+    assert m.parity["merge"]["kind"] == "base" and "checks" not in m.parity  # not verified
+    assert m.image_processor["max_pixels"] == 16 * 28 * 28
+    assert m.model.vision.max_image_tokens == 16
+    assert gmner_main(["export", "--model", str(tiny), "--out", str(out)]) == 2
+    assert "exists and is not an empty directory" in caplog.text
+    assert (
+        gmner_main(["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
+    )
+    assert "nope does not exist" in caplog.text
+    assert gmner_main(["export", "--out", str(tmp_path / "d")]) == 2
+    assert "--model" in caplog.text
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob("*.tmp-*"))
