@@ -9,6 +9,7 @@ half-written bundle behind.
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import logging
 import os
@@ -188,10 +189,13 @@ def _model_info(config, options: BundleOptions) -> dict:
 
 
 def manifest_data(
-    model, processor, graphs: dict, options: BundleOptions, bundle: Path, extra: dict
+    facts, processor, graphs: dict, options: BundleOptions, bundle: Path, extra: dict
 ) -> dict:
-    """The manifest dict for a bundle directory whose files are all written."""
-    config = model.config
+    """The manifest dict for a bundle directory whose files are all written.
+
+    ``facts`` carries the model's ``config`` and ``generation_config``.
+    """
+    config = facts.config
     text = config.text_config
     files = {
         p.name: file_entry(p)
@@ -215,7 +219,7 @@ def manifest_data(
             "present_value": "present_value_{layer}",
         },
         "graphs": graphs,
-        "tokens": _token_ids(processor.tokenizer, config, model.generation_config),
+        "tokens": _token_ids(processor.tokenizer, config, facts.generation_config),
         "image_processor": _image_processor(processor, config, options.max_image_tokens),
         "prompt": _prompt(processor),
         "labels": list(LABELS),
@@ -255,18 +259,18 @@ def export_bundle(options: BundleOptions) -> Path:
         graphs = export_graphs(model, tmp, options.settings)
         processor.tokenizer.save_pretrained(tmp, filename_prefix=None)
         _keep_only_tokenizer_json(tmp)
-        extra = {"parity": None}
-        if options.verify:
-            extra["parity"] = _verify(model, processor, tmp, options.settings.dtype)
-        extra["parity"] = {
-            **(extra["parity"] or {}),
-            "merge": {
-                "kind": merge_report.kind,
-                "max_abs_logit_diff": merge_report.max_abs_logit_diff,
-            },
-            "fp32_vision_mlps": list(kept),
+        facts = _ModelFacts(model.config, model.generation_config)
+        refs = _references(model, processor, facts) if options.verify else None
+        del model  # onnxruntime loads the graphs next: both do not fit at 3B scale
+        gc.collect()
+        parity = _verify(refs, processor, tmp, facts, options.settings.dtype) if refs else {}
+        parity["merge"] = {
+            "kind": merge_report.kind,
+            "max_abs_logit_diff": merge_report.max_abs_logit_diff,
         }
-        write_manifest(tmp, manifest_data(model, processor, graphs, options, tmp, extra))
+        parity["fp32_vision_mlps"] = list(kept)
+        data = manifest_data(facts, processor, graphs, options, tmp, {"parity": parity})
+        write_manifest(tmp, data)
         load_bundle(tmp)  # the runtime's reader accepts what we wrote
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -276,6 +280,14 @@ def export_bundle(options: BundleOptions) -> Path:
     os.replace(tmp, options.out)
     log.info("bundle written to %s in %.1f s", options.out, time.perf_counter() - started)
     return options.out
+
+
+@dataclass(frozen=True)
+class _ModelFacts:
+    """What the manifest needs from a model once its weights are gone."""
+
+    config: object
+    generation_config: object
 
 
 def _keep_only_tokenizer_json(bundle: Path) -> None:
@@ -293,12 +305,19 @@ def _keep_only_tokenizer_json(bundle: Path) -> None:
         (bundle / name).unlink(missing_ok=True)
 
 
-def _verify(model, processor, bundle: Path, dtype: str) -> dict:
+def _references(model, processor, facts: _ModelFacts):
+    from .parity import reference_outputs
+
+    tokens = _token_ids(processor.tokenizer, facts.config, facts.generation_config)
+    return reference_outputs(model, processor, eos_ids=tokens["eos_ids"], pad_id=tokens["pad_id"])
+
+
+def _verify(refs, processor, bundle: Path, facts: _ModelFacts, dtype: str) -> dict:
     from gmner_rt.backends.onnxruntime import KvLayout, OrtGraphs
 
-    from .parity import check_parity
+    from .parity import compare, vision_spec
 
-    text = model.config.text_config
+    text = facts.config.text_config
     kv = KvLayout(
         text.num_hidden_layers,
         text.num_key_value_heads,
@@ -310,8 +329,13 @@ def _verify(model, processor, bundle: Path, dtype: str) -> dict:
         kv,
         providers=["CPUExecutionProvider"],
     )
-    tokens = _token_ids(processor.tokenizer, model.config, model.generation_config)
-    report = check_parity(
-        model, processor, graphs, dtype, eos_ids=tokens["eos_ids"], pad_id=tokens["pad_id"]
+    tokens = _token_ids(processor.tokenizer, facts.config, facts.generation_config)
+    report = compare(
+        graphs,
+        refs,
+        vision_spec(facts.config),
+        dtype,
+        eos_ids=tokens["eos_ids"],
+        pad_id=tokens["pad_id"],
     )
     return report.to_dict()

@@ -28,7 +28,18 @@ from gmner_rt.vision import vision_indices
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TOLERANCES", "Check", "ParityError", "ParityReport", "check_parity", "probe_batches"]
+__all__ = [
+    "TOLERANCES",
+    "Check",
+    "ParityError",
+    "ParityReport",
+    "Reference",
+    "check_parity",
+    "compare",
+    "probe_batches",
+    "reference_outputs",
+    "vision_spec",
+]
 
 #: Largest accepted relative error (max |diff| / max |reference|) per export dtype.
 TOLERANCES = {"float32": 1e-4, "float16": 2e-2}
@@ -153,8 +164,8 @@ def _encode(processor, pairs) -> dict[str, torch.Tensor]:
     return dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
 
 
-def _compare(graph, tensor, probe, ours: np.ndarray, ref: torch.Tensor, tol) -> Check:
-    ref_np = ref.detach().float().cpu().numpy()
+def _compare(graph, tensor, probe, ours: np.ndarray, ref: np.ndarray, tol) -> Check:
+    ref_np = np.asarray(ref, dtype=np.float32)
     ours = np.asarray(ours, dtype=np.float32)
     if ours.shape != ref_np.shape:
         return Check(
@@ -188,104 +199,150 @@ def _batch(enc: dict[str, torch.Tensor]) -> PromptBatch:
     )
 
 
-class _Probe:
-    """Runs one probe batch through PyTorch and through the graphs, collecting checks."""
+@dataclass
+class Reference:
+    """PyTorch's outputs for one probe batch (host arrays; the model can then be freed)."""
 
-    def __init__(self, model, graphs, vision: VisionSpec, dtype: str, name: str, enc):
-        self.model, self.graphs, self.vision = model, graphs, vision
-        self.tol, self.name, self.enc = TOLERANCES[dtype], name, enc
-        self.batch = _batch(enc)
+    name: str
+    enc: dict[str, torch.Tensor]
+    image_embeds: np.ndarray
+    inputs_embeds: np.ndarray
+    logits: dict[str, np.ndarray]  # "prefill" / "step" -> [B, vocab]
+    kv: dict[str, list[np.ndarray]]  # "prefill" / "step" -> real positions of every K/V
+    step_token: np.ndarray  # [B], the token fed at the decode step
+    greedy: list[list[int]]  # 32 greedy tokens per row (end of sequence suppressed)
+
+
+def _host(x: torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy()
+
+
+def _kv(cache, mask: np.ndarray) -> list[np.ndarray]:
+    out = []
+    for layer in cache.layers:
+        out += [
+            _host(_real_positions(layer.keys, mask)),
+            _host(_real_positions(layer.values, mask)),
+        ]
+    return out
+
+
+@torch.no_grad()
+def _reference(model, name: str, enc, eos_ids, pad_id) -> Reference:
+    image_embeds = model.model.get_image_features(
+        enc["pixel_values"].to(model.model.visual.dtype), enc["image_grid_thw"]
+    ).pooler_output
+    mask = enc["attention_mask"].numpy().astype(np.int64)
+    prefill = model(**enc, use_cache=True)
+    token = prefill.logits[:, -1].argmax(-1)
+    prefill_kv = _kv(prefill.past_key_values, mask)  # before the step extends the cache
+    full_mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
+    # HF's decode positions: (real tokens so far - 1) + the rope delta of the prompt
+    text_pos = torch.from_numpy(full_mask.sum(-1) - 1)
+    positions = (text_pos + model.model.rope_deltas[:, 0]).reshape(1, -1, 1).expand(3, -1, 1)
+    stepped = model(
+        input_ids=token[:, None],
+        attention_mask=torch.from_numpy(full_mask),
+        position_ids=positions,
+        past_key_values=prefill.past_key_values,
+        use_cache=True,
+    )
+    generated = model.generate(
+        **enc,
+        max_new_tokens=GREEDY_STEPS,
+        min_new_tokens=GREEDY_STEPS,
+        do_sample=False,
+        eos_token_id=list(eos_ids),
+        pad_token_id=pad_id,
+    )
+    return Reference(
+        name=name,
+        enc=enc,
+        image_embeds=_host(torch.cat(image_embeds, dim=0)),
+        inputs_embeds=_host(model.model.language_model.embed_tokens(enc["input_ids"])),
+        logits={"prefill": _host(prefill.logits[:, -1]), "step": _host(stepped.logits[:, -1])},
+        kv={"prefill": prefill_kv, "step": _kv(stepped.past_key_values, full_mask)},
+        step_token=token.numpy().astype(np.int64),
+        greedy=generated[:, enc["input_ids"].shape[1] :].tolist(),
+    )
+
+
+def reference_outputs(model, processor, *, eos_ids, pad_id) -> list[Reference]:
+    """PyTorch's outputs on every probe batch: computed first, so that the model can be freed
+    before onnxruntime loads the graphs (a 3B model and its graphs do not fit in 24 GB)."""
+    refs = []
+    for index, pairs in enumerate(probe_batches()):
+        sizes = "+".join(f"{im.width}x{im.height}" for im, _ in pairs)
+        enc = _encode(processor, pairs)
+        refs.append(_reference(model, f"batch{index}[{sizes}]", enc, eos_ids, pad_id))
+    return refs
+
+
+class _Comparer:
+    """Runs the graphs on one reference's inputs and collects the checks."""
+
+    def __init__(self, graphs, vision: VisionSpec, dtype: str, ref: Reference):
+        self.graphs, self.vision, self.ref = graphs, vision, ref
+        self.tol = TOLERANCES[dtype]
+        self.batch = _batch(ref.enc)
         self.checks: list[Check] = []
 
     def add(self, graph, tensor, ours, ref, probe=None) -> None:
-        self.checks.append(_compare(graph, tensor, probe or self.name, ours, ref, self.tol))
+        self.checks.append(_compare(graph, tensor, probe or self.ref.name, ours, ref, self.tol))
 
-    @torch.no_grad()
-    def run_vision_and_embedding(self) -> None:
-        visual = self.model.model.visual
-        pixel_values = self.enc["pixel_values"].to(visual.dtype)
-        ref = self.model.model.get_image_features(pixel_values, self.enc["image_grid_thw"])
-        ref = torch.cat(ref.pooler_output, dim=0)
+    def vision_and_embedding(self) -> None:
         indices = vision_indices(
             self.batch.grids,
             merge_size=self.vision.merge_size,
             window_size=self.vision.window_size,
             patch_size=self.vision.patch_size,
         )
-        self.add(
-            "vision",
-            "image_embeds",
-            self.graphs.encode_images(self.batch.pixel_values, indices),
-            ref,
-        )
-        ids = self.enc["input_ids"]
-        ref_embeds = self.model.model.language_model.embed_tokens(ids)
-        self.add("embedding", "inputs_embeds", self.graphs.embed(self.batch.input_ids), ref_embeds)
+        ours = self.graphs.encode_images(self.batch.pixel_values, indices)
+        self.add("vision", "image_embeds", ours, self.ref.image_embeds)
+        ours = self.graphs.embed(self.batch.input_ids)
+        self.add("embedding", "inputs_embeds", ours, self.ref.inputs_embeds)
 
-    @torch.no_grad()
-    def run_decoder(self) -> None:
-        ref = self.model(**self.enc, use_cache=True)
+    def decoder(self) -> None:
         logits, state = rt_prefill(self.graphs, self.batch, self.vision)
         mask = self.batch.attention_mask
-        self._compare_step("prefill", logits, state.past, ref, mask)
-        token = ref.logits[:, -1].argmax(-1)
-        ours = step(self.graphs, state, token.numpy().astype(np.int64))
-        full_mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
-        positions = torch.from_numpy(state.next_positions - 1).reshape(1, -1, 1).expand(3, -1, 1)
-        ref_step = self.model(
-            input_ids=token[:, None],
-            attention_mask=torch.from_numpy(full_mask),
-            position_ids=positions,
-            past_key_values=ref.past_key_values,
-            use_cache=True,
-        )
-        self._compare_step("step", ours, state.past, ref_step, full_mask)
+        self._step_checks("prefill", logits, state.past, mask)
+        logits = step(self.graphs, state, self.ref.step_token)
+        self._step_checks("step", logits, state.past, state.attention_mask)
 
-    def _compare_step(self, when, logits, past, ref, mask) -> None:
-        probe = f"{self.name}:{when}"
-        self.add("decoder", "logits", logits, ref.logits[:, -1], probe)
-        for layer, cache in enumerate(ref.past_key_values.layers):
-            for kind, tensor in (("key", cache.keys), ("value", cache.values)):
-                ours = _real_positions(past[2 * layer + (kind == "value")], mask)
-                self.add(
-                    "decoder", f"present_{kind}_{layer}", ours, _real_positions(tensor, mask), probe
-                )
+    def _step_checks(self, when, logits, past, mask) -> None:
+        probe = f"{self.ref.name}:{when}"
+        self.add("decoder", "logits", logits, self.ref.logits[when], probe)
+        host = self.graphs.cache_to_numpy(past)
+        for index, ref in enumerate(self.ref.kv[when]):
+            kind = "value" if index % 2 else "key"
+            ours = _real_positions(host[index], mask)
+            self.add("decoder", f"present_{kind}_{index // 2}", ours, ref, probe)
 
+    def greedy(self, eos_ids, pad_id, required: bool) -> list[GreedyCheck]:
+        """32 greedy tokens with end of sequence suppressed, as the reference was made
+        (HF's ``min_new_tokens``; here the engine's logits hook)."""
+        eos = list(eos_ids)
 
-def _greedy(model, graphs, vision, enc, eos_ids, pad_id, required) -> list[GreedyCheck]:
-    """32 greedy tokens each side; end-of-sequence is suppressed on both (HF's
-    ``min_new_tokens``, our logits hook), so a random model cannot stop early."""
-    with torch.no_grad():
-        out = model.generate(
-            **enc,
+        def no_eos(logits: np.ndarray, _state) -> np.ndarray:
+            logits = logits.copy()
+            logits[:, eos] = -np.inf
+            return logits
+
+        ours = generate(
+            self.graphs,
+            self.batch,
+            self.vision,
             max_new_tokens=GREEDY_STEPS,
-            min_new_tokens=GREEDY_STEPS,
-            do_sample=False,
-            eos_token_id=list(eos_ids),
-            pad_token_id=pad_id,
-        )
-    ref_rows = out[:, enc["input_ids"].shape[1] :].tolist()
-    eos = list(eos_ids)
-
-    def no_eos(logits: np.ndarray, _state) -> np.ndarray:
-        logits = logits.copy()
-        logits[:, eos] = -np.inf
-        return logits
-
-    ours = generate(
-        graphs,
-        _batch(enc),
-        vision,
-        max_new_tokens=GREEDY_STEPS,
-        eos_ids=eos_ids,
-        pad_id=pad_id,
-        logits_hook=no_eos,
-    ).tokens
-    checks = []
-    for row, (mine, theirs) in enumerate(zip(ours, ref_rows, strict=True)):
-        agreed = _common_prefix(mine, theirs)
-        checks.append(GreedyCheck(f"row{row}", agreed, len(theirs), required))
-    return checks
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            logits_hook=no_eos,
+        ).tokens
+        return [
+            GreedyCheck(
+                f"{self.ref.name}:row{row}", _common_prefix(mine, theirs), len(theirs), required
+            )
+            for row, (mine, theirs) in enumerate(zip(ours, self.ref.greedy, strict=True))
+        ]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -296,30 +353,29 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return min(len(a), len(b))
 
 
-def check_parity(model, processor, graphs, dtype: str, *, eos_ids, pad_id) -> ParityReport:
-    """Compare ``graphs`` (an :class:`gmner_rt.backends.onnxruntime.OrtGraphs`) with ``model``.
-
-    ``model`` is the PyTorch model the graphs were exported from (same dtype). Raises
-    :class:`ParityError` naming every failing graph, tensor and error.
-    """
-    config = model.config
-    vision = VisionSpec(
+def vision_spec(config) -> VisionSpec:
+    """The host-side vision facts of a Qwen2.5-VL config."""
+    return VisionSpec(
         image_token_id=config.image_token_id,
         merge_size=config.vision_config.spatial_merge_size,
         window_size=config.vision_config.window_size,
         patch_size=config.vision_config.patch_size,
     )
+
+
+def compare(
+    graphs, references: list[Reference], vision: VisionSpec, dtype: str, *, eos_ids, pad_id
+) -> ParityReport:
+    """Run ``graphs`` on the references' inputs; raise :class:`ParityError` naming every
+    failing graph, tensor and error."""
     checks: list[Check] = []
     greedy: list[GreedyCheck] = []
-    for index, pairs in enumerate(probe_batches()):
-        enc = _encode(processor, pairs)
-        sizes = "+".join(f"{im.width}x{im.height}" for im, _ in pairs)
-        probe = _Probe(model, graphs, vision, dtype, f"batch{index}[{sizes}]", enc)
-        probe.run_vision_and_embedding()
-        probe.run_decoder()
-        checks += probe.checks
-        for g in _greedy(model, graphs, vision, enc, eos_ids, pad_id, dtype == "float32"):
-            greedy.append(GreedyCheck(f"{probe.name}:{g.probe}", g.agreed, g.length, g.required))
+    for ref in references:
+        comparer = _Comparer(graphs, vision, dtype, ref)
+        comparer.vision_and_embedding()
+        comparer.decoder()
+        checks += comparer.checks
+        greedy += comparer.greedy(eos_ids, pad_id, required=dtype == "float32")
     report = ParityReport(dtype, tuple(checks), tuple(greedy))
     if report.failures:
         raise ParityError(_failure_message(report), report)
@@ -329,6 +385,13 @@ def check_parity(model, processor, graphs, dtype: str, *, eos_ids, pad_id) -> Pa
         [f"{g.agreed}/{g.length}" for g in greedy],
     )
     return report
+
+
+def check_parity(model, processor, graphs, dtype: str, *, eos_ids, pad_id) -> ParityReport:
+    """Compare ``graphs`` (an :class:`gmner_rt.backends.onnxruntime.OrtGraphs`) with ``model``,
+    the PyTorch model they were exported from (same dtype)."""
+    refs = reference_outputs(model, processor, eos_ids=eos_ids, pad_id=pad_id)
+    return compare(graphs, refs, vision_spec(model.config), dtype, eos_ids=eos_ids, pad_id=pad_id)
 
 
 def _failure_message(report: ParityReport) -> str:

@@ -110,6 +110,14 @@ def prefill(
     """Run vision and the prompt through the decoder: ``(logits [B, vocab], state)``."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    # first, so that image tokens that do not match the grids fail with a clear InputError
+    positions, _ = rope_index(
+        batch.input_ids,
+        batch.attention_mask,
+        batch.grids,
+        image_token_id=vision.image_token_id,
+        merge_size=vision.merge_size,
+    )
     embeds = backend.embed(batch.input_ids)
     if batch.grids:
         indices = vision_indices(
@@ -122,13 +130,6 @@ def prefill(
         embeds[batch.input_ids == vision.image_token_id] = image_embeds.astype(embeds.dtype)
     _add_time(timings, "vision", start)
     start = time.perf_counter()
-    positions, _ = rope_index(
-        batch.input_ids,
-        batch.attention_mask,
-        batch.grids,
-        image_token_id=vision.image_token_id,
-        merge_size=vision.merge_size,
-    )
     logits, past = backend.decode(
         embeds, batch.attention_mask, positions, backend.empty_cache(len(batch.input_ids))
     )

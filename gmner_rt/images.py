@@ -12,7 +12,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
-__all__ = ["image_size", "open_image"]
+__all__ = ["MAX_IMAGE_PIXELS", "check_pixel_count", "image_size", "open_image"]
+
+#: Largest image decoded, in pixels (a decompression-bomb guard; the model sees at most about
+#: a million pixels anyway, so nothing useful is lost). 64 MP is a 9248 x 6936 photo.
+MAX_IMAGE_PIXELS = 64_000_000
 
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _EXIF_ORIENTATION = 0x0112
@@ -44,9 +48,19 @@ def open_image(source: str | Path | bytes) -> Image.Image:
         name, fp = str(source), source
     try:
         with Image.open(fp) as im:
+            check_pixel_count(im.width, im.height, name)
             im.load()
             return ImageOps.exif_transpose(im)
     except FileNotFoundError:
         raise InputError(f"{name}: image not found") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InputError(f"{name}: not a readable image ({exc})") from None
+
+
+def check_pixel_count(width: int, height: int, name: str = "image") -> None:
+    """Raise :class:`InputError` when ``width * height`` is over :data:`MAX_IMAGE_PIXELS`."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"{name}: {width}x{height} is {width * height} pixels, over the limit of "
+            f"{MAX_IMAGE_PIXELS} (gmner_rt.images.MAX_IMAGE_PIXELS)"
+        )

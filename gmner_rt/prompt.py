@@ -7,9 +7,16 @@ module's.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
-__all__ = ["SYSTEM_PROMPT", "instruction", "user_message", "assistant_message"]
+__all__ = [
+    "SYSTEM_PROMPT",
+    "assistant_message",
+    "instruction",
+    "render_prompt",
+    "user_message",
+]
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -47,3 +54,22 @@ def user_message(image: object, text: str, labels: Sequence[str], *, think: bool
 def assistant_message(target: str) -> dict:
     """A chat ``assistant`` turn holding a training target."""
     return {"role": "assistant", "content": [{"type": "text", "text": target}]}
+
+
+_SLOT = re.compile(r"\{(system|image|instruction)\}")
+
+
+def render_prompt(
+    chat_template: str,
+    *,
+    system: str,
+    image: str,
+    instruction_template: str,
+    text: str,
+) -> str:
+    """Fill a bundle's chat layout (``{system}``, ``{image}``, ``{instruction}`` slots) and
+    the instruction's ``{text}`` slot in one pass, so braces in the tweet are never read as
+    slots. The result equals the model's chat template rendered with the same messages."""
+    instruction_text = instruction_template.replace("{text}", text, 1)
+    values = {"system": system, "image": image, "instruction": instruction_text}
+    return _SLOT.sub(lambda match: values[match.group(1)], chat_template)

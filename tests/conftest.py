@@ -31,3 +31,59 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "txt" / "train.txt").is_file():
         pytest.skip(f"full Twitter-GMNER data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# The tiny model, a LoRA adapter trained on it, and its exported fp32 bundle: built once per
+# test session and shared by the export and runtime tests (torch is needed to build them).
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """A random tiny Qwen2.5-VL directory (``gmner tiny-model``, seed 0)."""
+    pytest.importorskip("torch")
+    from gmner.train.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def adapter(tiny, tmp_path_factory) -> Path:
+    """A LoRA adapter trained for 3 steps (lr 5e-3) on the fixture: merged weights differ."""
+    from gmner.train.config import load_config
+    from gmner.train.loop import train
+    from PIL import Image
+
+    from gmner_rt.data import load_split
+
+    images = tmp_path_factory.mktemp("images")
+    for t in [*load_split(V2_SUBSET, "train"), *load_split(V2_SUBSET, "dev")]:
+        w, h = t.image_size or (320, 240)
+        Image.new("RGB", (w, h), (40, 90, 150)).save(images / f"{t.img_id}.jpg")
+    run = tmp_path_factory.mktemp("run")
+    settings = {
+        "model.path": str(tiny),
+        "data.dir": str(V2_SUBSET),
+        "data.images": str(images),
+        "data.use_cot": False,
+        "output.dir": str(run),
+        "optim.batch_size": 2,
+        "optim.grad_accum": 1,
+        "optim.epochs": 1,
+        "data.limit": 6,
+        "eval.enabled": False,
+        "model.min_pixels": 56 * 56,
+        "model.max_pixels": 224 * 224,
+        "optim.lr": 5e-3,
+    }
+    train(load_config(None, settings))
+    return run / "checkpoints" / (run / "latest").read_text().strip()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny, adapter, tmp_path_factory) -> Path:
+    """``gmner export`` of tiny + adapter in fp32, parity checked."""
+    pytest.importorskip("onnx")
+    from gmner.export.build import BundleOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "fp32"
+    return export_bundle(BundleOptions(model=tiny, adapter=adapter, out=out))

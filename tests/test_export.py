@@ -1,7 +1,7 @@
 """Export: merge, the three ONNX graphs, parity against PyTorch, and the bundle they make.
 
-The tiny model gets a LoRA adapter trained for a few steps at a high learning rate, so the
-merged weights differ from the base; every export here runs the built-in parity check.
+The fixtures (conftest.py) give the tiny model a LoRA adapter trained for a few steps at a high
+learning rate, so the merged weights differ from the base; every export runs the parity check.
 """
 
 from __future__ import annotations
@@ -22,57 +22,10 @@ from gmner.export.merge import MergeError, load_merged, merge  # noqa: E402
 from gmner.export.onnx_export import ExportSettings  # noqa: E402
 from gmner.export.parity import ParityError, check_parity  # noqa: E402
 from gmner.runtime.cli import main as gmner_main  # noqa: E402
-from gmner.train.config import load_config  # noqa: E402
-from gmner.train.loop import train  # noqa: E402
 from gmner.train.tiny_model import PRESETS, build_tiny_model  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from gmner_rt.backends.onnxruntime import KvLayout, OrtGraphs  # noqa: E402
 from gmner_rt.bundle import load_bundle  # noqa: E402
-from gmner_rt.data import load_split  # noqa: E402
-
-FIXTURE = Path(__file__).parent / "fixtures" / "twitter-gmner-v2"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny, tmp_path_factory) -> Path:
-    """A LoRA adapter trained for 3 steps (lr 5e-3): merged weights visibly differ."""
-    images = tmp_path_factory.mktemp("images")
-    for t in [*load_split(FIXTURE, "train"), *load_split(FIXTURE, "dev")]:
-        w, h = t.image_size or (320, 240)
-        Image.new("RGB", (w, h), (40, 90, 150)).save(images / f"{t.img_id}.jpg")
-    run = tmp_path_factory.mktemp("run")
-    cfg = load_config(
-        None,
-        {
-            "model.path": str(tiny),
-            "data.dir": str(FIXTURE),
-            "data.images": str(images),
-            "data.use_cot": False,
-            "output.dir": str(run),
-            "optim.batch_size": 2,
-            "optim.grad_accum": 1,
-            "optim.epochs": 1,
-            "data.limit": 6,
-            "eval.enabled": False,
-            "model.min_pixels": 56 * 56,
-            "model.max_pixels": 224 * 224,
-            "optim.lr": 5e-3,
-        },
-    )
-    train(cfg)
-    return run / "checkpoints" / (run / "latest").read_text().strip()
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny, adapter, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / "fp32"
-    return export_bundle(BundleOptions(model=tiny, adapter=adapter, out=out))
 
 
 def _lora_b_norm(adapter: Path) -> float:
@@ -82,9 +35,9 @@ def _lora_b_norm(adapter: Path) -> float:
     return sum(float(v.norm()) for k, v in weights.items() if "lora_B" in k)
 
 
-def test_fp32_bundle_passes_parity_with_identical_greedy_tokens(bundle, adapter):
+def test_fp32_bundle_passes_parity_with_identical_greedy_tokens(tiny_bundle, adapter):
     assert _lora_b_norm(adapter) > 0.01  # the adapter is not a no-op
-    manifest = load_bundle(bundle).manifest
+    manifest = load_bundle(tiny_bundle).manifest
     parity = manifest.parity
     assert parity["passed"] and parity["dtype"] == "float32"
     assert parity["merge"]["kind"] == "lora"
@@ -98,8 +51,8 @@ def test_fp32_bundle_passes_parity_with_identical_greedy_tokens(bundle, adapter)
     assert max(max(v.values()) for v in errors.values()) < 1e-4
 
 
-def test_bundle_files_and_manifest(bundle, tiny):
-    names = sorted(p.name for p in bundle.iterdir())
+def test_bundle_files_and_manifest(tiny_bundle, tiny):
+    names = sorted(p.name for p in tiny_bundle.iterdir())
     assert names == [
         "decoder.onnx",
         "embedding.onnx",
@@ -107,7 +60,7 @@ def test_bundle_files_and_manifest(bundle, tiny):
         "tokenizer.json",
         "vision.onnx",
     ]
-    m = load_bundle(bundle).manifest
+    m = load_bundle(tiny_bundle).manifest
     config = json.loads((tiny / "config.json").read_text())
     assert m.model.text.vocab_size == config["text_config"]["vocab_size"]
     assert m.tokens.image_pad_id == config["image_token_id"]
@@ -118,10 +71,10 @@ def test_bundle_files_and_manifest(bundle, tiny):
     assert m.exporter["torch"] and m.exporter["onnxruntime"]
 
 
-def test_graph_io_are_dynamic(bundle):
+def test_graph_io_are_dynamic(tiny_bundle):
     import onnx
 
-    decoder = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False)
+    decoder = onnx.load(str(tiny_bundle / "decoder.onnx"), load_external_data=False)
     shapes = {
         v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
         for v in list(decoder.graph.input) + list(decoder.graph.output)
@@ -130,7 +83,7 @@ def test_graph_io_are_dynamic(bundle):
     assert shapes["past_key_0"][2] == "past_sequence"
     assert shapes["present_value_1"][2] == "total_sequence"
     assert shapes["position_ids"] == [3, "batch", "sequence"]
-    vision = onnx.load(str(bundle / "vision.onnx"), load_external_data=False)
+    vision = onnx.load(str(tiny_bundle / "vision.onnx"), load_external_data=False)
     assert [d.dim_param for d in vision.graph.input[0].type.tensor_type.shape.dim][0] == (
         "num_patches"
     )
@@ -153,11 +106,11 @@ def test_fp16_export_keeps_last_vision_mlp_fp32_and_passes(tiny, adapter, tmp_pa
     assert m.graphs["vision"].input("pixel_values").dtype == "float32"
 
 
-def test_parity_names_the_graph_and_tensor_that_differ(bundle, tiny, adapter):
+def test_parity_names_the_graph_and_tensor_that_differ(tiny_bundle, tiny, adapter):
     model, processor, _ = load_merged(tiny, adapter)
-    m = load_bundle(bundle).manifest
+    m = load_bundle(tiny_bundle).manifest
     graphs = OrtGraphs(
-        {n: bundle / f"{n}.onnx" for n in ("vision", "embedding", "decoder")},
+        {n: tiny_bundle / f"{n}.onnx" for n in ("vision", "embedding", "decoder")},
         KvLayout(
             m.kv_cache.num_layers, m.kv_cache.num_kv_heads, m.kv_cache.head_dim, np.dtype("float32")
         ),

@@ -1,8 +1,12 @@
 """The three bundle graphs run by onnxruntime: vision, embedding and one decoder call.
 
 A backend runs graphs on arrays and nothing else: it knows nothing about prompts, images,
-tokens or stopping (those are :mod:`gmner_rt.generate`'s). Arrays in and out are numpy; the
-KV cache is the list ``[key_0, value_0, key_1, value_1, ...]`` of ``[B, kv_heads, S, d]``.
+tokens or stopping (those are :mod:`gmner_rt.generate`'s). Inputs are numpy; the KV cache is
+the list ``[key_0, value_0, key_1, value_1, ...]`` of ``[B, kv_heads, S, d]`` onnxruntime
+values that stay where the decoder wrote them (device memory on CUDA): each decoder call binds
+the previous call's present tensors as its past (IOBinding), so the cache is never copied to
+the host or converted to numpy between steps; only the last position's logits come back.
+The graph itself concatenates past and new keys (a static-cache graph is TensorRT's path).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ __all__ = ["OrtGraphs", "best_providers"]
 
 #: Preferred execution providers, best first.
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 def best_providers() -> list[str]:
@@ -79,7 +84,8 @@ class OrtGraphs:
         self._past_names = [
             f"past_{kind}_{layer}" for layer in range(kv.num_layers) for kind in ("key", "value")
         ]
-        self._outputs = [o.name for o in self.decoder.get_outputs()]
+        self._present_names = [o.name for o in self.decoder.get_outputs()][1:]
+        self.device = "cuda" if self.decoder.get_providers()[0] in _GPU_PROVIDERS else "cpu"
 
     @classmethod
     def from_bundle(cls, bundle, *, providers=None, threads=None) -> OrtGraphs:
@@ -124,14 +130,30 @@ class OrtGraphs:
         past: Sequence[np.ndarray],
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder call: ``(logits [B, vocab] of the last position, present cache)``."""
-        feeds = {
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": attention_mask.astype(np.int64, copy=False),
-            "position_ids": position_ids.astype(np.int64, copy=False),
-        }
-        feeds.update(zip(self._past_names, past, strict=True))
-        outputs = self.decoder.run(self._outputs, feeds)
-        return outputs[0][:, -1, :], outputs[1:]
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds))
+        binding.bind_cpu_input("attention_mask", _int64(attention_mask))
+        binding.bind_cpu_input("position_ids", _int64(position_ids))
+        for name, value in zip(self._past_names, past, strict=True):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, self.device)
+        self.decoder.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy()[:, -1, :], list(outputs[1:])
+
+    @staticmethod
+    def cache_to_numpy(past: Sequence) -> list[np.ndarray]:
+        """The KV cache as host arrays (for inspection and tests; decoding never needs it)."""
+        return [p if isinstance(p, np.ndarray) else p.numpy() for p in past]
+
+
+def _int64(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.int64)
 
 
 def _env_threads() -> int | None:

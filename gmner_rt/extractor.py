@@ -1,0 +1,325 @@
+"""``load`` a bundle and ``extract`` grounded entities from (image, text) pairs.
+
+The extractor joins the parts: image conversion and preprocessing (:mod:`.vision`), the
+prompt (:mod:`.prompt`, the bundle's chat layout) tokenized with ``tokenizers``, greedy
+generation (:mod:`.generate`) over a backend, and parsing (:mod:`.records`) with boxes mapped
+back to the original image's pixels (:mod:`.geometry`). Whatever the model generates,
+``extract`` returns: records that do not parse are reported in ``malformed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .bundle import TOKENIZER_NAME, Bundle, load_bundle
+from .errors import BundleError, InputError
+from .generate import GenerationResult, LogitsHook, PromptBatch, VisionSpec, generate
+from .geometry import Box, ImageGeometry
+from .images import check_pixel_count
+from .prompt import render_prompt
+from .records import parse_output
+from .vision import ImageInput, ImageProcessorSettings, num_image_tokens, preprocess, to_rgb
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_BUNDLE", "Entity", "Extraction", "Extractor", "find_spans", "load"]
+
+#: Where the embedded default bundle lives (shipped with the package).
+DEFAULT_BUNDLE = Path(__file__).parent / "models" / "default"
+#: Longest accepted text, in tokens (tweets are far shorter; the prompt must fit the context).
+MAX_TEXT_TOKENS = 2048
+#: Decoded tokens examined for a stop string (each token is at least one character).
+_STOP_WINDOW = 16
+
+Think = Literal["on", "off", "auto"]
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One extracted entity.
+
+    Attributes:
+        mention: the entity's words as the model wrote them.
+        type: its type, one of the bundle's labels (unless the model wrote another).
+        boxes: ``(x1, y1, x2, y2)`` boxes in the original image's pixels, or None when the
+            image does not show it.
+        spans: ``(start, end)`` character offsets of the mention's occurrences in the text
+            (``text[start:end] == mention``); empty when the text does not contain it.
+    """
+
+    mention: str
+    type: str
+    boxes: tuple[Box, ...] | None
+    spans: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The result of one ``extract`` call.
+
+    Attributes:
+        records: the entities, in generation order.
+        think: the model's reasoning, or None.
+        raw: the generated text, as decoded.
+        malformed: answer segments that did not parse, as written.
+        token_ids: the generated token ids (stop token included).
+        image_size: the original image's (width, height).
+        timings: seconds per stage (preprocess, vision, prefill, decode, total) and the
+            number of generated tokens (tokens).
+    """
+
+    records: tuple[Entity, ...]
+    think: str | None
+    raw: str
+    malformed: tuple[str, ...]
+    token_ids: tuple[int, ...]
+    image_size: tuple[int, int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (lists for tuples)."""
+        data = asdict(self)
+        data["records"] = [
+            {
+                **r,
+                "boxes": [list(b) for b in r["boxes"]] if r["boxes"] else None,
+                "spans": [list(s) for s in r["spans"]],
+            }
+            for r in data["records"]
+        ]
+        data["token_ids"] = list(self.token_ids)
+        data["image_size"] = list(self.image_size)
+        return data
+
+
+def find_spans(text: str, mention: str) -> tuple[tuple[int, int], ...]:
+    """Non-overlapping occurrences of ``mention`` in ``text``; case-insensitive if none exact."""
+    for haystack, needle in ((text, mention), (text.casefold(), mention.casefold())):
+        if len(haystack) != len(text):  # casefold changed lengths: offsets would be wrong
+            break
+        spans, start = [], haystack.find(needle)
+        while needle and start >= 0:
+            spans.append((start, start + len(needle)))
+            start = haystack.find(needle, start + len(needle))
+        if spans:
+            return tuple(spans)
+    return ()
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One prepared pair: the converted image, its pixels and grid, the prompt ids."""
+
+    geometry: ImageGeometry
+    pixel_values: np.ndarray
+    grid: tuple[int, int, int]
+    prompt_ids: list[int]
+    text: str
+
+
+class Extractor:
+    """Extracts grounded entities with one bundle on one backend (see :func:`load`)."""
+
+    def __init__(self, bundle: Bundle, backend, *, max_text_tokens: int = MAX_TEXT_TOKENS):
+        from tokenizers import Tokenizer
+
+        self.bundle = bundle
+        self.backend = backend
+        self.max_text_tokens = max_text_tokens
+        m = bundle.manifest
+        self.tokenizer = Tokenizer.from_file(str(bundle.file(TOKENIZER_NAME)))
+        self.image_settings = ImageProcessorSettings.from_dict(m.image_processor)
+        self.vision = VisionSpec(
+            image_token_id=m.tokens.image_pad_id,
+            merge_size=m.model.vision.spatial_merge_size,
+            window_size=m.model.vision.window_size,
+            patch_size=m.model.vision.patch_size,
+        )
+        self._image_pad = self.tokenizer.id_to_token(m.tokens.image_pad_id)
+        if self._image_pad is None:
+            raise BundleError(f"{bundle.path}: tokenizer.json has no token for image_pad_id")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.bundle.manifest.labels
+
+    def prompt_ids(self, text: str, grid: Sequence[int], *, think: bool = True) -> list[int]:
+        """Token ids of the full prompt for ``text`` and an image of patch grid ``grid``."""
+        p = self.bundle.manifest.prompt
+        image = p.image.replace(
+            "{image_pads}", self._image_pad * num_image_tokens(grid, self.vision.merge_size)
+        )
+        prompt = render_prompt(
+            p.chat_template,
+            system=p.system,
+            image=image,
+            instruction_template=p.instruction_think if think else p.instruction_answer_only,
+            text=text,
+        )
+        return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+
+    def _prepare(self, image: ImageInput, text: str, think: bool) -> _Request:
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"text must be a non-empty string, got {text!r}")
+        n_text = len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        if n_text > self.max_text_tokens:
+            raise InputError(
+                f"text is {n_text} tokens long; the limit is {self.max_text_tokens} "
+                "(load(..., max_text_tokens=N) raises it)"
+            )
+        rgb = to_rgb(image)
+        check_pixel_count(rgb.width, rgb.height)
+        pixel_values, grid = preprocess(rgb, self.image_settings)
+        s = self.image_settings
+        geometry = ImageGeometry.for_image(
+            rgb.width,
+            rgb.height,
+            min_pixels=s.min_pixels,
+            max_pixels=s.max_pixels,
+            factor=s.factor,
+        )
+        return _Request(
+            geometry, pixel_values, grid, self.prompt_ids(text, grid, think=think), text
+        )
+
+    def _batch(self, requests: Sequence[_Request]) -> PromptBatch:
+        width = max(len(r.prompt_ids) for r in requests)
+        pad = self.bundle.manifest.tokens.pad_id
+        ids = np.full((len(requests), width), pad, dtype=np.int64)
+        mask = np.zeros((len(requests), width), dtype=np.int64)
+        for row, r in enumerate(requests):
+            ids[row, width - len(r.prompt_ids) :] = r.prompt_ids
+            mask[row, width - len(r.prompt_ids) :] = 1
+        return PromptBatch(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=np.concatenate([r.pixel_values for r in requests]),
+            grids=tuple(r.grid for r in requests),
+        )
+
+    def _stop(self, _row: int, tokens: Sequence[int]) -> bool:
+        stops = self.bundle.manifest.generation.stop_strings
+        tail = self.tokenizer.decode(list(tokens[-_STOP_WINDOW:]), skip_special_tokens=False)
+        return any(s in tail for s in stops)
+
+    def extract(
+        self,
+        image: ImageInput,
+        text: str,
+        *,
+        think: Think = "auto",
+        max_new_tokens: int | None = None,
+        logits_hook: LogitsHook | None = None,
+    ) -> Extraction:
+        """Entities of ``text`` with their boxes in ``image`` (path, bytes, PIL, or array)."""
+        return self.extract_batch(
+            [(image, text)], think=think, max_new_tokens=max_new_tokens, logits_hook=logits_hook
+        )[0]
+
+    def extract_batch(
+        self,
+        pairs: Sequence[tuple[ImageInput, str]],
+        *,
+        think: Think = "auto",
+        max_new_tokens: int | None = None,
+        logits_hook: LogitsHook | None = None,
+    ) -> list[Extraction]:
+        """``extract`` for several pairs in one left-padded batch."""
+        if think not in ("on", "off", "auto"):
+            raise InputError(f"think: expected 'on', 'off' or 'auto', got {think!r}")
+        if not pairs:
+            return []
+        started = time.perf_counter()
+        requests = [self._prepare(image, text, think != "off") for image, text in pairs]
+        preprocess_s = time.perf_counter() - started
+        m = self.bundle.manifest
+        result = generate(
+            self.backend,
+            self._batch(requests),
+            self.vision,
+            max_new_tokens=(
+                m.generation.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+            ),
+            eos_ids=m.tokens.eos_ids,
+            pad_id=m.tokens.pad_id,
+            stop=self._stop,
+            logits_hook=logits_hook,
+        )
+        total = time.perf_counter() - started
+        return [
+            self._result(r, tokens, result, preprocess_s, total)
+            for r, tokens in zip(requests, result.tokens, strict=True)
+        ]
+
+    def _result(
+        self,
+        request: _Request,
+        tokens: list[int],
+        result: GenerationResult,
+        preprocess_s: float,
+        total: float,
+    ) -> Extraction:
+        eos = set(self.bundle.manifest.tokens.eos_ids)
+        text_ids = [t for t in tokens if t not in eos]
+        raw = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        parsed = parse_output(raw)
+        records = tuple(
+            Entity(
+                mention=r.mention,
+                type=r.type,
+                boxes=(
+                    tuple(request.geometry.to_original(b) for b in r.boxes) if r.boxes else None
+                ),
+                spans=find_spans(request.text, r.mention),
+            )
+            for r in parsed.records
+        )
+        timings = {
+            "preprocess": preprocess_s,
+            **result.timings,
+            "total": total,
+            "tokens": float(len(tokens)),
+        }
+        return Extraction(
+            records,
+            parsed.think,
+            raw,
+            parsed.malformed,
+            tuple(tokens),
+            request.geometry.original_size,
+            timings,
+        )
+
+
+def load(
+    bundle_dir: str | Path | None = None,
+    *,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    verify_hashes: bool = True,
+    max_text_tokens: int = MAX_TEXT_TOKENS,
+) -> Extractor:
+    """An :class:`Extractor` for ``bundle_dir`` (default: the embedded default bundle).
+
+    ``providers``: onnxruntime execution providers, best available first by default
+    (TensorRT, CUDA, CPU). ``threads``: intra-op threads (default: onnxruntime's choice, or
+    the ``GMNER_THREADS`` environment variable).
+    """
+    from .backends.onnxruntime import OrtGraphs
+
+    path = Path(bundle_dir) if bundle_dir is not None else DEFAULT_BUNDLE
+    if bundle_dir is None and not (path / "manifest.json").is_file():
+        raise BundleError(f"no default bundle at {path}; pass a bundle directory")
+    bundle = load_bundle(path, verify_hashes=verify_hashes)
+    backend = OrtGraphs.from_bundle(bundle, providers=providers, threads=threads)
+    log.info(
+        "loaded %s (%s) on %s", path, bundle.manifest.model.name, backend.decoder.get_providers()[0]
+    )
+    return Extractor(bundle, backend, max_text_tokens=max_text_tokens)
