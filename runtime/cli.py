@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "cot": ("gmner.train.cot", "write teacher chain-of-thought for training tweets (OpenAI API)"),
     "export": ("gmner.export.cli", "merge, export ONNX graphs, verify parity, write a bundle"),
+    "extract": (
+        "gmner.runtime.extract",
+        "extract grounded entities from an image and a text with a bundle",
+    ),
 }
 
 

@@ -2,7 +2,8 @@
 
 ``--pred FILE`` scores a JSONL of model outputs whose boxes are in original image pixels.
 Checkpoints (``--model``) and bundles (``--bundle``) are scored by generating those outputs
-first, in the packages that own the models.
+first and writing them in that format: a checkpoint in :mod:`gmner.train.evaluate` (torch), a
+bundle here with :mod:`gmner_rt` alone (no torch, no transformers).
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import logging
 import sys
 from pathlib import Path
 
-from gmner_rt.data import load_split
-from gmner_rt.errors import InputError
+from gmner_rt.data import Tweet, find_image, load_split
+from gmner_rt.errors import DataError, InputError
+from gmner_rt.extractor import Extraction
 from gmner_rt.metrics import PROTOCOLS, EvalReport, evaluate
-from gmner_rt.predictions import read_predictions
+from gmner_rt.predictions import read_predictions, write_predictions
+from gmner_rt.records import NO_ENTITY, RECORD_SEPARATOR, EntityRecord, format_record
+
+from .extract import load_extractor, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +37,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="hindex (default, design.md) or e2e (the E2E-GMNER reference)",
     )
     parser.add_argument("--json", type=Path, help="also write the scores as JSON here")
+    gen = parser.add_argument_group("generate, then score (--model or --bundle)")
+    gen.add_argument("--images", type=Path, action="append", help="image folder (repeatable)")
+    gen.add_argument(
+        "--out", type=Path, help="where to write the predictions (default: SPLIT_pred.jsonl)"
+    )
+    gen.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        help="generation limit (default: 512 for --model, the bundle's for --bundle)",
+    )
+    gen.add_argument("--batch-size", type=positive_int, default=4, help="default 4")
     ckpt = parser.add_argument_group("score a checkpoint (needs the train extra)")
     ckpt.add_argument("--model", type=Path, help="base Qwen2.5-VL directory")
     ckpt.add_argument("--adapter", type=Path, help="LoRA adapter (a run's best/ or a checkpoint)")
-    ckpt.add_argument("--images", type=Path, action="append", help="image folder (repeatable)")
-    ckpt.add_argument("--out", type=Path, help="where to write the predictions JSONL")
-    ckpt.add_argument("--max-new-tokens", type=int, default=512)
     ckpt.add_argument("--device", default="auto")
+    bundle = parser.add_argument_group("score an exported bundle (gmner_rt only, no torch)")
+    bundle.add_argument("--bundle", type=Path, help="bundle folder written by gmner export")
+    bundle.add_argument(
+        "--limit", type=positive_int, help="score only the first N tweets of the split"
+    )
+    bundle.add_argument(
+        "--skip-missing-images",
+        action="store_true",
+        help="leave out (of predictions and gold) tweets whose image is missing",
+    )
+    bundle.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
 
 
 def score_file(data: Path, split: str, pred: Path, protocol: str = "hindex") -> EvalReport:
@@ -76,17 +100,113 @@ def format_report(report: EvalReport) -> str:
     return "\n".join(rows)
 
 
+def prediction_output(extraction: Extraction) -> str:
+    """An extraction as a predictions-file output, boxes in original pixels (already so).
+
+    Its records, then its malformed segments as written (so they still count as wrong
+    predictions), and its reasoning: what :func:`gmner_rt.answers.answer_to_original` writes
+    for a checkpoint's text.
+    """
+    records = [EntityRecord(e.mention, e.type, e.boxes) for e in extraction.records]
+    parts = [format_record(r) for r in records] + list(extraction.malformed)
+    answer = f"<answer>{RECORD_SEPARATOR.join(parts) if parts else NO_ENTITY}</answer>"
+    return answer if extraction.think is None else f"<think>{extraction.think}</think>{answer}"
+
+
+def tweet_images(
+    tweets: list[Tweet], images: list[Path], *, skip_missing: bool
+) -> list[tuple[Tweet, Path]]:
+    """Each tweet with its image file; a missing one is an error, or left out (logged)."""
+    found, missing = [], []
+    for tweet in tweets:
+        path = find_image(images, tweet.img_id)
+        if path is not None:
+            found.append((tweet, path))
+        elif skip_missing:
+            missing.append(tweet.img_id)
+        else:
+            folders = ", ".join(str(d) for d in images)
+            raise DataError(
+                f"tweet {tweet.img_id}: no image {tweet.img_id}.jpg (or .png, ...) in {folders}; "
+                "pass --skip-missing-images to leave such tweets out"
+            )
+    if missing:
+        log.warning(
+            "%d tweet(s) left out, their image is missing: %s%s",
+            len(missing),
+            ", ".join(missing[:5]),
+            ", ..." if len(missing) > 5 else "",
+        )
+    return found
+
+
+def evaluate_bundle(
+    bundle: Path,
+    data: Path,
+    split: str,
+    images: list[Path],
+    *,
+    pred_path: Path,
+    protocol: str = "hindex",
+    limit: int | None = None,
+    batch_size: int = 4,
+    max_new_tokens: int | None = None,
+    skip_missing_images: bool = False,
+    threads: int | None = None,
+) -> EvalReport:
+    """Generate with a bundle on (the first ``limit`` tweets of) a split, write the predictions
+    to ``pred_path`` and score them against the tweets that were run."""
+    tweets = load_split(data, split)[:limit]
+    pairs = tweet_images(tweets, images, skip_missing=skip_missing_images)
+    extractor = load_extractor(bundle, threads)
+    outputs: dict[str, str] = {}
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        results = extractor.extract_batch(
+            [(path, tweet.text) for tweet, path in chunk], max_new_tokens=max_new_tokens
+        )
+        for (tweet, _), extraction in zip(chunk, results, strict=True):
+            outputs[tweet.img_id] = prediction_output(extraction)
+        log.info("%d/%d tweets", len(outputs), len(pairs))
+    write_predictions(pred_path, outputs)
+    gold = {tweet.img_id: tweet.records() for tweet, _ in pairs}
+    return evaluate(gold, outputs, protocol=protocol)
+
+
+def _check_mode(args: argparse.Namespace) -> str:
+    modes = [m for m in ("pred", "model", "bundle") if getattr(args, m) is not None]
+    if len(modes) != 1:
+        given = f" (got {', '.join('--' + m for m in modes)})" if modes else ""
+        raise InputError(
+            f"gmner eval needs exactly one of --pred FILE, --model DIR [--adapter DIR] or "
+            f"--bundle DIR{given}"
+        )
+    mode = modes[0]
+    if mode != "bundle":
+        for flag in ("limit", "threads"):
+            if getattr(args, flag) is not None:
+                raise InputError(f"--{flag} applies to --bundle only")
+        if args.skip_missing_images:
+            raise InputError("--skip-missing-images applies to --bundle only")
+    if mode != "pred":
+        if not args.images:
+            raise InputError(f"--{mode} needs --images IMGDIR")
+        missing = [str(d) for d in args.images if not d.is_dir()]
+        if missing:
+            raise InputError(f"--images: folder not found: {', '.join(missing)}")
+    return mode
+
+
 def run(args: argparse.Namespace) -> int:
     if args.json and not args.json.parent.is_dir():
         raise InputError(f"--json {args.json}: folder {args.json.parent} does not exist")
-    if args.model is not None:
-        if args.pred is not None:
-            raise InputError("give either --pred or --model, not both")
-        if not args.images:
-            raise InputError("--model needs --images IMGDIR")
+    mode = _check_mode(args)
+    pred = args.out or Path(f"{args.split}_pred.jsonl")
+    if mode != "pred" and not pred.parent.is_dir():
+        raise InputError(f"--out {pred}: folder {pred.parent} does not exist")
+    if mode == "model":
         from gmner.train.evaluate import evaluate_checkpoint
 
-        pred = args.out or Path(f"{args.split}_pred.jsonl")
         report = evaluate_checkpoint(
             args.model,
             args.adapter,
@@ -95,14 +215,28 @@ def run(args: argparse.Namespace) -> int:
             args.images,
             pred_path=pred,
             protocol=args.protocol,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=args.max_new_tokens or 512,
+            batch_size=args.batch_size,
             device=args.device,
         )
-        log.info("predictions written to %s", pred)
-    elif args.pred is not None:
-        report = score_file(args.data, args.split, args.pred, args.protocol)
+    elif mode == "bundle":
+        report = evaluate_bundle(
+            args.bundle,
+            args.data,
+            args.split,
+            args.images,
+            pred_path=pred,
+            protocol=args.protocol,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            skip_missing_images=args.skip_missing_images,
+            threads=args.threads,
+        )
     else:
-        raise InputError("gmner eval needs --pred FILE or --model DIR [--adapter DIR]")
+        report = score_file(args.data, args.split, args.pred, args.protocol)
+    if mode != "pred":
+        log.info("predictions written to %s", pred)
     sys.stdout.write(format_report(report) + "\n")
     if args.json:
         args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,225 @@
+"""``gmner extract``: grounded entities of one (image, text) pair, or of a JSONL batch.
+
+    gmner extract --image photo.jpg --text "Alice visits Paris"            # a table
+    gmner extract --bundle B --image photo.jpg --text-file t.txt --json     # Extraction JSON
+    gmner extract --bundle B --image photo.jpg --text "..." --draw out.png  # boxes drawn
+    gmner extract --bundle B --batch pairs.jsonl --batch-size 8             # one JSON line each
+
+What it prints is the program's output (stdout); diagnostics go to logging (stderr). Only
+gmner_rt is used: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import gmner_rt
+from gmner_rt.errors import BundleError, InputError
+from gmner_rt.extractor import Extraction, Extractor
+from gmner_rt.predictions import iter_json_objects
+
+log = logging.getLogger(__name__)
+
+_TIMING_STAGES = ("preprocess", "vision", "prefill", "decode", "total")
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {number}")
+    return number
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bundle", type=Path, help="exported bundle folder (default: the embedded default)"
+    )
+    parser.add_argument("--image", type=Path, help="image file")
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--text", help="the text (tweet)")
+    text.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file")
+    parser.add_argument(
+        "--batch",
+        type=Path,
+        help='JSONL of {"image": path, "text": ...} (paths relative to the JSONL\'s folder); '
+        "prints one JSON line per pair, the input's fields plus the extraction's",
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=4, help="pairs per batch (default 4)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the extraction as JSON")
+    parser.add_argument("--draw", type=Path, help="write the image with the boxes drawn here")
+    parser.add_argument(
+        "--think",
+        choices=("on", "off", "auto"),
+        default="auto",
+        help="on: the reasoning prompt, off: the answer-only prompt, auto (default): the "
+        "extractor's choice",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, help="generation limit (default: the bundle's)"
+    )
+    parser.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
+
+
+def load_extractor(bundle: Path | None, threads: int | None = None) -> Extractor:
+    """``gmner_rt.load`` with a clear error for a bundle folder that does not exist."""
+    if bundle is not None and not bundle.is_dir():
+        raise BundleError(f"--bundle {bundle}: folder not found")
+    started = time.perf_counter()
+    extractor = gmner_rt.load(bundle, threads=threads)
+    log.debug("bundle loaded in %.2f s", time.perf_counter() - started)
+    return extractor
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def _boxes(boxes) -> str:
+    if boxes is None:
+        return "None"
+    return " ".join("[" + ",".join(str(v) for v in box) + "]" for box in boxes)
+
+
+def _spans(spans) -> str:
+    return " ".join(f"{start}-{end}" for start, end in spans) or "-"
+
+
+def format_table(extraction: Extraction) -> str:
+    """A readable report: one row per entity, then reasoning, malformed segments, timings."""
+    rows = [("mention", "type", "boxes", "spans")]
+    rows += [(e.mention, e.type, _boxes(e.boxes), _spans(e.spans)) for e in extraction.records]
+    widths = [max(len(row[k]) for row in rows) for k in range(3)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3]
+        for row in rows
+    ]
+    if not extraction.records:
+        lines.append("(no entities)")
+    if extraction.think is not None:
+        lines.append(f"think: {extraction.think}")
+    for segment in extraction.malformed:
+        lines.append(f"malformed: {segment}")
+    lines.append(f"image: {extraction.image_size[0]}x{extraction.image_size[1]}")
+    t = extraction.timings
+    stages = ", ".join(f"{k} {t[k]:.3f} s" for k in _TIMING_STAGES if k in t)
+    tokens = int(t.get("tokens", len(extraction.token_ids)))
+    lines.append(f"timings: {stages}; {tokens} tokens")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# One pair
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_text(args: argparse.Namespace) -> str:
+    if args.text_file is not None:
+        try:
+            text = args.text_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"--text-file {args.text_file}: file not found") from None
+        except UnicodeDecodeError as exc:
+            raise InputError(f"--text-file {args.text_file}: not UTF-8 text ({exc})") from None
+        text = text.strip()
+    elif args.text is not None:
+        text = args.text
+    else:
+        raise InputError("--image needs --text TEXT or --text-file FILE")
+    if not text.strip():
+        raise InputError("the text is empty (--text / --text-file)")
+    return text
+
+
+def _run_one(args: argparse.Namespace) -> int:
+    if not args.image.is_file():
+        raise InputError(f"{args.image}: image not found")
+    text = _read_text(args)
+    if args.draw is not None and not args.draw.parent.is_dir():
+        raise InputError(f"--draw {args.draw}: folder {args.draw.parent} does not exist")
+    extractor = load_extractor(args.bundle, args.threads)
+    extraction = extractor.extract(
+        args.image, text, think=args.think, max_new_tokens=args.max_new_tokens
+    )
+    if args.json:
+        print(json.dumps(extraction.to_dict(), ensure_ascii=False, indent=2))
+    else:
+        print(format_table(extraction))
+    if args.draw is not None:
+        from gmner_rt.draw import draw_entities
+        from gmner_rt.vision import to_rgb
+
+        draw_entities(to_rgb(args.image), extraction.records, out=args.draw)
+        log.info("drawing written to %s", args.draw)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A JSONL batch
+# ---------------------------------------------------------------------------------------------
+
+
+def read_batch(path: Path) -> list[dict]:
+    """The batch file's rows, each checked: an existing image and a non-empty text."""
+    if not path.is_file():
+        raise InputError(f"--batch {path}: file not found")
+    rows = []
+    for where, row in iter_json_objects(path, "image and text"):
+        image, text = row.get("image"), row.get("text")
+        if not isinstance(image, str) or not image:
+            raise InputError(f"{where}: field image must be a non-empty string, got {image!r}")
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{where}: field text must be a non-empty string, got {text!r}")
+        image_path = path.parent / image
+        if not image_path.is_file():
+            raise InputError(f"{where}: image {image_path} not found")
+        rows.append({**row, "_path": image_path})
+    if not rows:
+        raise InputError(f"--batch {path}: no pairs")
+    return rows
+
+
+def _chunks(rows: Sequence[dict], size: int) -> Iterator[Sequence[dict]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    given = [f for f in ("image", "text", "text_file", "draw") if getattr(args, f) is not None]
+    if given:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise InputError(f"--batch takes its images and texts from the file; drop {flags}")
+    rows = read_batch(args.batch)
+    extractor = load_extractor(args.bundle, args.threads)
+    started = time.perf_counter()
+    for chunk in _chunks(rows, args.batch_size):
+        pairs = [(row["_path"], row["text"]) for row in chunk]
+        results = extractor.extract_batch(
+            pairs, think=args.think, max_new_tokens=args.max_new_tokens
+        )
+        for row, extraction in zip(chunk, results, strict=True):
+            fields = {k: v for k, v in row.items() if k != "_path"}
+            print(json.dumps({**fields, **extraction.to_dict()}, ensure_ascii=False))
+        sys.stdout.flush()
+    log.info("%d pairs in %.1f s", len(rows), time.perf_counter() - started)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch is not None:
+        return _run_batch(args)
+    if args.image is None:
+        raise InputError("gmner extract needs --image FILE with --text/--text-file, or --batch")
+    return _run_one(args)
