@@ -90,6 +90,8 @@ class LoraSettings:
         enabled: False trains every language-model weight instead (full fine-tuning).
         r: rank. alpha: scaling numerator. dropout: dropout on the LoRA input.
         target_modules: regex of module names to adapt.
+        train_vision: with full fine-tuning, train the vision tower too (the paper freezes
+            it; a model trained from scratch, such as the demo's, needs it).
     """
 
     enabled: bool = True
@@ -97,8 +99,15 @@ class LoraSettings:
     alpha: int = 64
     dropout: float = 0.05
     target_modules: str = LANGUAGE_MODEL_TARGETS
+    train_vision: bool = False
 
     def __post_init__(self) -> None:
+        _check(
+            not (self.enabled and self.train_vision),
+            "lora.train_vision",
+            "needs lora.enabled false (full fine-tuning)",
+            self.train_vision,
+        )
         _check(self.r > 0, "lora.r", "must be > 0", self.r)
         _check(self.alpha > 0, "lora.alpha", "must be > 0", self.alpha)
         _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)", self.dropout)

@@ -2,7 +2,8 @@
 
 ``gmner data stats DIR`` prints per split: tweets, entities, groundable entities, boxes and XML
 objects, by type. ``gmner data sft DIR --images IMGDIR --out OUTDIR [--cot FILE]`` writes the
-training rows of :mod:`gmner.train.sft`. Neither needs torch.
+training rows of :mod:`gmner.train.sft`. ``gmner data synth --out DIR`` writes the synthetic
+dataset of :mod:`gmner.train.synth`. None needs torch.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave out tweets whose image is missing (reported as a count)",
     )
 
+    synth = sub.add_parser("synth", help="write a synthetic Twitter-GMNER dataset (with images)")
+    synth.add_argument("--out", type=Path, required=True, help="new or empty output folder")
+    synth.add_argument("--seed", type=int, help="generator seed (default 0)")
+    for split, n in (("train", 1200), ("dev", 150), ("test", 150)):  # SynthConfig's defaults
+        synth.add_argument(f"--{split}", type=int, help=f"{split} tweets (default {n})")
+
 
 def stats_table(stats: dict[str, dict]) -> str:
     head = f"{'split':<8}{'tweets':>8}{'entities':>10}{'groundable':>12}{'boxes':>8}{'xml obj':>9}"
@@ -79,6 +86,14 @@ def run_stats(data_dir: Path, as_json: bool) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.data_command == "stats":
         sys.stdout.write(run_stats(args.dir, args.json) + "\n")
+        return 0
+    if args.data_command == "synth":
+        from .synth import SynthConfig, write_synth  # numpy + PIL drawing, only when asked
+
+        given = {k: getattr(args, k) for k in ("seed", "train", "dev", "test")}
+        cfg = SynthConfig(**{k: v for k, v in given.items() if v is not None})
+        for split, c in write_synth(args.out, cfg).items():
+            log.info("%s: %s", split, ", ".join(f"{v} {k}" for k, v in c.items()))
         return 0
     cfg = SftConfig(
         image_dirs=tuple(args.images),

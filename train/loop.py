@@ -121,7 +121,7 @@ def prepare_model(cfg: TrainConfig, device: torch.device):
         model = get_peft_model(model, lora)
     else:
         for name, p in model.named_parameters():
-            p.requires_grad = "visual" not in name
+            p.requires_grad = cfg.lora.train_vision or "visual" not in name
     checkpointing = cfg.model.gradient_checkpointing
     if checkpointing == "on" or (checkpointing == "auto" and device.type == "cuda"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,187 @@
+"""``gmner data synth``: the synthetic dataset, read back with the real Twitter-GMNER reader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gmner.runtime import cli
+from gmner.train.synth import NAMES, SPLITS, SynthConfig, plan_tweet, write_synth
+from PIL import Image
+
+from gmner_rt.data import available_splits, find_image, load_split
+from gmner_rt.errors import InputError
+
+#: 300 tweets; small images keep the test fast.
+SAMPLE = SynthConfig(seed=7, train=240, dev=30, test=30, min_side=96, max_side=192)
+TOLERANCE = 12  # the per-glyph colour jitter is at most 10 per channel
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("synth") / "data"
+    return out, write_synth(out, SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def tweets(sample) -> dict[str, list]:
+    return {split: load_split(sample[0], split) for split in available_splits(sample[0])}
+
+
+def _pixels(folder: Path, img_id: str) -> np.ndarray:
+    with Image.open(find_image([folder / "images"], img_id)) as im:
+        return np.asarray(im.convert("RGB")).astype(int)
+
+
+def _colour_mask(pixels: np.ndarray, name: str) -> np.ndarray:
+    rgb = np.array(NAMES[name][1].rgb)
+    return (np.abs(pixels - rgb) <= TOLERANCE).all(axis=-1)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_every_name_has_its_own_glyph():
+    assert len(NAMES) == 24
+    assert len({glyph for _, glyph in NAMES.values()}) == 24
+    tokens = [t for name in NAMES for t in name.split()]
+    assert len(tokens) == len(set(tokens))
+
+
+def test_reader_loads_every_split(sample, tweets):
+    folder, counts = sample
+    assert available_splits(folder) == list(SPLITS)
+    ids = [t.img_id for split in SPLITS for t in tweets[split]]
+    assert len(ids) == len(set(ids)) == 300 and all(i.isdigit() for i in ids)
+    for split in SPLITS:
+        assert len(tweets[split]) == counts[split]["tweets"]
+        assert sum(len(t.entities) for t in tweets[split]) == counts[split]["entities"]
+        for tweet in tweets[split]:
+            with Image.open(find_image([folder / "images"], tweet.img_id)) as im:
+                assert tweet.image_size in (None, im.size)
+                assert SAMPLE.min_side <= min(im.size) <= max(im.size) <= SAMPLE.max_side
+
+
+def test_mentions_are_whole_token_spans_of_known_names(tweets):
+    for tweet in (t for split in tweets.values() for t in split):
+        assert len(tweet.entities) <= 4
+        for e in tweet.entities:
+            start, end = e.token_span
+            assert e.mention == " ".join(tweet.tokens[start:end])
+            assert e.type == NAMES[e.mention][0]
+        assert len({e.mention for e in tweet.entities}) == len(tweet.entities)
+
+
+def test_boxes_are_tight_around_the_glyph_colour(sample, tweets):
+    folder = sample[0]
+    for tweet in tweets["dev"] + tweets["test"]:
+        pixels = _pixels(folder, tweet.img_id)
+        h, w = pixels.shape[:2]
+        for e in (e for e in tweet.entities if e.boxes):
+            mask = _colour_mask(pixels, e.mention)
+            for x1, y1, x2, y2 in e.boxes:
+                assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+                near = np.zeros_like(mask)
+                near[max(0, y1 - 2) : y2 + 2, max(0, x1 - 2) : x2 + 2] = True
+                ys, xs = np.nonzero(mask & near)
+                assert len(xs) > 0.4 * (x2 - x1) * (y2 - y1)  # a triangle fills half its box
+                found = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+                assert np.abs(np.subtract(found, (x1, y1, x2, y2))).max() <= 1
+
+
+def test_none_entities_are_not_drawn(sample, tweets):
+    folder = sample[0]
+    nones = [(t, e) for t in tweets["train"] for e in t.entities if e.boxes is None]
+    assert nones
+    for tweet, e in nones:
+        assert not _colour_mask(_pixels(folder, tweet.img_id), e.mention).any()
+
+
+def test_distractors_are_drawn_but_never_mentioned():
+    planned = [plan_tweet(np.random.default_rng(k), SAMPLE, str(k)) for k in range(300)]
+    assert sum(len(p.distractors) for p in planned) > 100
+    for p in planned:
+        drawn = {name for name, *_ in p.glyphs}
+        assert set(p.distractors) <= drawn
+        assert drawn - set(p.mentions) == set(p.distractors)
+        text = " ".join(p.tokens)
+        assert not any(name in text for name in p.distractors)
+
+
+def test_some_entity_has_two_boxes(tweets):
+    doubled = [e for split in tweets.values() for t in split for e in t.entities if e.boxes]
+    doubled = [e for e in doubled if len(e.boxes) == 2]
+    assert doubled
+    for e in doubled:
+        (a1, b1, a2, b2), (c1, d1, c2, d2) = e.boxes
+        assert a2 <= c1 or c2 <= a1 or b2 <= d1 or d2 <= b1  # the two glyphs do not overlap
+
+
+def test_reasoning_is_short_and_names_every_mention(sample, tweets):
+    rows = [json.loads(line) for line in (sample[0] / "cot.jsonl").read_text().splitlines()]
+    by_id = {row["img_id"]: row["think"] for row in rows}
+    assert len(by_id) == 300
+    for tweet in (t for split in tweets.values() for t in split):
+        think = by_id[tweet.img_id]
+        assert len(think.split()) < 40
+        for e in tweet.entities:
+            region = think.split(f"{e.mention} (")[1].split(".")[0]
+            assert ("not shown" in region) == (e.boxes is None)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    cfg = SynthConfig(seed=3, train=6, dev=2, test=2)
+    write_synth(tmp_path / "a", cfg)
+    write_synth(tmp_path / "b", cfg)
+    write_synth(tmp_path / "c", SynthConfig(seed=4, train=6, dev=2, test=2))
+    a, b, c = (_files(tmp_path / k) for k in "abc")
+    assert a == b
+    assert a["txt/train.txt"] != c["txt/train.txt"]
+    assert a["images/1000000.png"] != c["images/1000000.png"]
+
+
+def test_a_split_does_not_depend_on_the_others_sizes(tmp_path):
+    write_synth(tmp_path / "a", SynthConfig(train=3, dev=2, test=2))
+    write_synth(tmp_path / "b", SynthConfig(train=5, dev=1, test=2))
+    assert (tmp_path / "a/txt/test.txt").read_bytes() == (tmp_path / "b/txt/test.txt").read_bytes()
+
+
+def test_refuses_a_non_empty_out_dir(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="not empty"):
+        write_synth(tmp_path, SynthConfig(train=1, dev=0, test=0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"train": -1}, "--train"),
+        ({"train": 0, "dev": 0, "test": 0}, "--train/--dev/--test"),
+        ({"seed": -1}, "--seed"),
+        ({"min_side": 300, "max_side": 200}, "min_side"),
+        ({"glyph_max": 0.9}, "glyph_max"),
+        ({"mention_probs": (0.5, 0.4)}, "mention_probs"),
+        ({"not_drawn": 1.5}, "not_drawn"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, flag):
+    with pytest.raises(InputError, match=flag):
+        SynthConfig(**kwargs)
+
+
+def test_cli_synth_then_stats_and_sft_with_cot(tmp_path, capsys):
+    data = tmp_path / "data"
+    argv = ["data", "synth", "--out", str(data), "--seed", "1"]
+    assert cli.main([*argv, "--train", "6", "--dev", "2", "--test", "2"]) == 0
+    assert cli.main(["data", "stats", str(data), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert [stats[s]["tweets"] for s in SPLITS] == [6, 2, 2]
+    out = tmp_path / "sft"
+    sft = ["data", "sft", str(data), "--images", str(data / "images"), "--out", str(out)]
+    assert cli.main([*sft, "--cot", str(data / "cot.jsonl")]) == 0
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(row["think"] for row in rows)
+    assert cli.main(argv) == 2  # the folder is no longer empty
