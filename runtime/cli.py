@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "write a random-weight Qwen2.5-VL checkpoint with a local tokenizer",
     ),
     "cot": ("gmner.train.cot", "write teacher chain-of-thought for training tweets (OpenAI API)"),
+    "demo": ("gmner.runtime.demo", "the embedded default model on shipped examples (--retrain)"),
     "export": ("gmner.export.cli", "merge, export ONNX graphs, verify parity, write a bundle"),
     "extract": (
         "gmner.runtime.extract",

@@ -1,0 +1,137 @@
+"""``gmner demo``: grounded extraction with the embedded default model on shipped examples.
+
+    gmner demo                       # examples -> table + JSON + annotated images in out/demo
+    gmner demo --retrain             # rebuild the default model: data -> train -> export -> eval
+
+The default run uses the runtime alone (gmner_rt: no torch). ``--retrain`` imports the training
+and export packages and reproduces the shipped bundle (see :mod:`gmner.train.demo`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import gmner_rt
+from gmner_rt.draw import draw_entities
+from gmner_rt.errors import InputError
+from gmner_rt.extractor import DEFAULT_BUNDLE, Extraction
+from gmner_rt.geometry import iou
+from gmner_rt.predictions import iter_json_objects
+from gmner_rt.vision import to_rgb
+
+from .extract import format_table
+
+log = logging.getLogger(__name__)
+
+#: The shipped example pairs (written by ``gmner demo --retrain``).
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="bundle to run (default: the embedded default model)",
+    )
+    parser.add_argument(
+        "--examples", type=Path, default=EXAMPLES, help="folder with examples.jsonl and its images"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/demo"),
+        help="where results.json and the annotated images go",
+    )
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="rebuild the default model end to end and print its test F1",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("runs/demo"),
+        help="--retrain: working folder (data, model, run, bundle)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="--retrain: data and training seed")
+    parser.add_argument("--epochs", type=int, default=None, help="--retrain: override epochs")
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="--retrain: replace the embedded default bundle and examples",
+    )
+
+
+def _matches(entity, gold: dict) -> bool:
+    """Mention, type and region right (the GMNER rule for one pair)."""
+    if (entity.mention, entity.type) != (gold["mention"], gold["type"]):
+        return False
+    if entity.boxes is None or gold["boxes"] is None:
+        return entity.boxes is None and gold["boxes"] is None
+    return all(any(iou(b, g) > 0.5 for g in gold["boxes"]) for b in entity.boxes)
+
+
+def _report(example: dict, extraction: Extraction) -> dict:
+    gold = example.get("gold")
+    row = {
+        "id": example.get("id"),
+        "image": example["image"],
+        "text": example["text"],
+        **extraction.to_dict(),
+    }
+    if gold is not None:
+        row["gold"] = gold
+        row["correct"] = sum(any(_matches(e, g) for g in gold) for e in extraction.records)
+    return row
+
+
+def run_examples(bundle: Path | None, examples: Path, out: Path) -> list[dict]:
+    """Extract every example, write annotated images and ``results.json``; return the rows."""
+    listing = examples / "examples.jsonl"
+    if not listing.is_file():
+        raise InputError(f"{listing}: no examples (gmner demo --retrain --install writes them)")
+    rows = [row for _, row in iter_json_objects(listing, "image, text (and gold)")]
+    extractor = gmner_rt.load(bundle)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for example in rows:
+        image_path = examples / example["image"]
+        extraction = extractor.extract(image_path, example["text"])
+        annotated = out / f"{Path(example['image']).stem}_annotated.png"
+        draw_entities(to_rgb(image_path), extraction.records, out=annotated)
+        results.append({**_report(example, extraction), "annotated": str(annotated)})
+        sys.stdout.write(f"\n== {example['text']}\n{format_table(extraction)}\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    sys.stdout.write(
+        json.dumps([{k: r[k] for k in ("text", "records")} for r in results], indent=1) + "\n"
+    )
+    log.info("annotated images and results.json written to %s", out)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.retrain:
+        from gmner.train.demo import retrain
+
+        result = retrain(
+            args.work,
+            seed=args.seed,
+            epochs=args.epochs,
+            install=DEFAULT_BUNDLE if args.install else None,
+            examples=args.examples if args.install else None,
+        )
+        gmner = result.scores["gmner"]
+        sys.stdout.write(
+            f"demo model (seed {result.seed}): test GMNER F1 {gmner['f1']:.4f} "
+            f"(P {gmner['precision']:.4f}, R {gmner['recall']:.4f}), MNER F1 "
+            f"{result.scores['mner']['f1']:.4f}, EEG F1 {result.scores['eeg']['f1']:.4f}; "
+            f"training {result.train_seconds:.0f} s; bundle {result.bundle}\n"
+        )
+        return 0
+    run_examples(args.bundle, args.examples, args.out)
+    return 0
