@@ -90,6 +90,26 @@ def _report(example: dict, extraction: Extraction) -> dict:
     return row
 
 
+def _overview(images: list[Path], out: Path, height: int = 320) -> None:
+    """The annotated images side by side, scaled to one height (what README shows)."""
+    from PIL import Image
+
+    tiles = []
+    for path in images:
+        with Image.open(path) as im:
+            width = max(1, round(im.width * height / im.height))
+            tiles.append(im.convert("RGB").resize((width, height)))
+    gap = 8
+    canvas = Image.new(
+        "RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), height), "white"
+    )
+    x = 0
+    for tile in tiles:
+        canvas.paste(tile, (x, 0))
+        x += tile.width + gap
+    canvas.save(out)
+
+
 def run_examples(bundle: Path | None, examples: Path, out: Path) -> list[dict]:
     """Extract every example, write annotated images and ``results.json``; return the rows."""
     listing = examples / "examples.jsonl"
@@ -107,6 +127,7 @@ def run_examples(bundle: Path | None, examples: Path, out: Path) -> list[dict]:
         results.append({**_report(example, extraction), "annotated": str(annotated)})
         sys.stdout.write(f"\n== {example['text']}\n{format_table(extraction)}\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    _overview([Path(r["annotated"]) for r in results], out / "overview.png")
     sys.stdout.write(
         json.dumps([{k: r[k] for k in ("text", "records")} for r in results], indent=1) + "\n"
     )

@@ -70,14 +70,50 @@ def _train(model: Path, data: Path, run: Path, seed: int, epochs: int | None) ->
     return run / "best"
 
 
-def write_examples(data: Path, out: Path, count: int = EXAMPLE_COUNT) -> Path:
-    """Copy ``count`` test-split pairs (image, text, gold records) to ``out/examples.jsonl``."""
+def _solved(tweets, predictions: Path | None) -> set[str]:
+    """Ids of the tweets whose predictions are all right (GMNER) with every entity found."""
+    if predictions is None:
+        return set()
+    from gmner_rt.metrics import evaluate
+    from gmner_rt.predictions import read_predictions
+
+    outputs = read_predictions(predictions)
+    solved = set()
+    for tweet in tweets:
+        if tweet.img_id not in outputs:
+            continue
+        report = evaluate({tweet.img_id: tweet.records()}, {tweet.img_id: outputs[tweet.img_id]})
+        g = report.gmner
+        if g.correct == g.gold == g.predicted and report.malformed == 0:
+            solved.add(tweet.img_id)
+    return solved
+
+
+def write_examples(
+    data: Path, out: Path, count: int = EXAMPLE_COUNT, predictions: Path | None = None
+) -> Path:
+    """Copy ``count`` test-split pairs (image, text, gold records) to ``out/examples.jsonl``.
+
+    The richest tweets come first (most grounded entities, then most entities). With the
+    model's test ``predictions``, the first example is the richest tweet the model solved
+    entirely (the regression test checks the shipped bundle still does), the rest the
+    richest others, solved or not.
+    """
     from gmner_rt.data import load_split
 
     out.mkdir(parents=True, exist_ok=True)
+    tweets = load_split(data, "test")
+
+    def richness(tweet):
+        grounded = sum(1 for r in tweet.records() if r.boxes)
+        return (-grounded, -len(tweet.entities), tweet.img_id)
+
+    ranked = sorted(tweets, key=richness)
+    solved = _solved(tweets, predictions)
+    first = [t for t in ranked if t.img_id in solved][:1]
+    chosen = first + [t for t in ranked if t not in first][: count - len(first)]
     rows = []
-    tweets = sorted(load_split(data, "test"), key=lambda t: (-len(t.entities), t.img_id))
-    for tweet in tweets[:count]:
+    for tweet in chosen:
         image = f"{tweet.img_id}.png"
         shutil.copyfile(data / "images" / image, out / image)
         gold = [
@@ -89,6 +125,9 @@ def write_examples(data: Path, out: Path, count: int = EXAMPLE_COUNT) -> Path:
             for r in tweet.records()
         ]
         rows.append({"id": tweet.img_id, "image": image, "text": tweet.text, "gold": gold})
+    for stale in out.glob("*.png"):
+        if stale.name not in {r["image"] for r in rows}:
+            stale.unlink()
     path = out / "examples.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -146,5 +185,5 @@ def retrain(
         shutil.rmtree(install, ignore_errors=True)
         shutil.copytree(bundle, install)
     if examples is not None:
-        write_examples(data, examples)
+        write_examples(data, examples, predictions=work / "test_pred.jsonl")
     return DemoResult(bundle, scores, train_seconds, seed)

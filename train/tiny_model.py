@@ -176,6 +176,22 @@ PRESETS: dict[str, Preset] = {
         intermediate_size=256,
         mrope_section=(4, 6, 6),
     ),
+    # The embedded demo model (gmner demo --retrain): tiny's widths, twice its depth; the
+    # synthetic task needs several steps in a row (copy the name, find its glyph, read the
+    # glyph's place, write digits), which two layers learn too slowly on a CPU.
+    "demo": Preset(
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=384,
+        mrope_section=(4, 6, 6),
+        vision_depth=2,
+        vision_hidden_size=96,
+        vision_heads=3,
+        vision_intermediate_size=192,
+        max_pixels=224 * 224,
+    ),
     "bench-small": Preset(
         hidden_size=896,
         num_layers=24,
