@@ -185,3 +185,15 @@ def test_cli_synth_then_stats_and_sft_with_cot(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(row["think"] for row in rows)
     assert cli.main(argv) == 2  # the folder is no longer empty
+
+
+def test_position_wash_shows_where_each_pixel_is(sample, tweets):
+    """Background red rises left to right, blue top to bottom (glyph pixels aside)."""
+    tweet = tweets["train"][0]
+    rgb = _pixels(sample[0], tweet.img_id).astype(np.float64)
+    h, w, _ = rgb.shape
+    background = (np.abs(rgb[..., 1] - 235) < 12) & (rgb.min(axis=-1) > 150)
+    rows, cols = np.nonzero(background)
+    red_by_x = np.polyfit(cols / (w - 1), rgb[rows, cols, 0], 1)[0]
+    blue_by_y = np.polyfit(rows / (h - 1), rgb[rows, cols, 2], 1)[0]
+    assert red_by_x > 60 and blue_by_y > 60
