@@ -58,7 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("runs/demo"),
         help="--retrain: working folder (data, model, run, bundle)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="--retrain: data and training seed")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="--retrain: seed of the synthetic data and the initial weights",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="--retrain: override epochs")
     parser.add_argument(
         "--install",
