@@ -24,6 +24,7 @@ import numpy as np
 
 from gmner_rt.bundle import TOKENIZER_NAME, file_entry, load_bundle, write_manifest
 from gmner_rt.data import LABELS
+from gmner_rt.errors import InputError
 from gmner_rt.prompt import SYSTEM_PROMPT, instruction
 from gmner_rt.records import RECORD_FORMAT_VERSION
 
@@ -193,7 +194,7 @@ def manifest_data(
 ) -> dict:
     """The manifest dict for a bundle directory whose files are all written.
 
-    ``facts`` carries the model's ``config`` and ``generation_config``.
+    ``facts`` carries the model's ``config`` and its special token ids.
     """
     config = facts.config
     text = config.text_config
@@ -219,7 +220,7 @@ def manifest_data(
             "present_value": "present_value_{layer}",
         },
         "graphs": graphs,
-        "tokens": _token_ids(processor.tokenizer, config, facts.generation_config),
+        "tokens": facts.tokens,
         "image_processor": _image_processor(processor, config, options.max_image_tokens),
         "prompt": _prompt(processor),
         "labels": list(LABELS),
@@ -240,7 +241,7 @@ def manifest_data(
 
 def _fresh_dir(out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: exists and is not an empty directory; choose a new --out")
+        raise InputError(f"{out}: exists and is not an empty directory; choose a new --out")
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -259,11 +260,13 @@ def export_bundle(options: BundleOptions) -> Path:
         graphs = export_graphs(model, tmp, options.settings)
         processor.tokenizer.save_pretrained(tmp, filename_prefix=None)
         _keep_only_tokenizer_json(tmp)
-        facts = _ModelFacts(model.config, model.generation_config)
+        facts = _ModelFacts(
+            model.config, _token_ids(processor.tokenizer, model.config, model.generation_config)
+        )
         refs = _references(model, processor, facts) if options.verify else None
         del model  # onnxruntime loads the graphs next: both do not fit at 3B scale
         gc.collect()
-        parity = _verify(refs, processor, tmp, facts, options.settings.dtype) if refs else {}
+        parity = _verify(refs, tmp, facts, options.settings.dtype) if refs else {}
         parity["merge"] = {
             "kind": merge_report.kind,
             "max_abs_logit_diff": merge_report.max_abs_logit_diff,
@@ -284,10 +287,10 @@ def export_bundle(options: BundleOptions) -> Path:
 
 @dataclass(frozen=True)
 class _ModelFacts:
-    """What the manifest needs from a model once its weights are gone."""
+    """What the manifest and the parity check need from a model once its weights are gone."""
 
     config: object
-    generation_config: object
+    tokens: dict  # the manifest's "tokens" section (special ids, eos ids, pad id)
 
 
 def _keep_only_tokenizer_json(bundle: Path) -> None:
@@ -308,11 +311,12 @@ def _keep_only_tokenizer_json(bundle: Path) -> None:
 def _references(model, processor, facts: _ModelFacts):
     from .parity import reference_outputs
 
-    tokens = _token_ids(processor.tokenizer, facts.config, facts.generation_config)
-    return reference_outputs(model, processor, eos_ids=tokens["eos_ids"], pad_id=tokens["pad_id"])
+    return reference_outputs(
+        model, processor, eos_ids=facts.tokens["eos_ids"], pad_id=facts.tokens["pad_id"]
+    )
 
 
-def _verify(refs, processor, bundle: Path, facts: _ModelFacts, dtype: str) -> dict:
+def _verify(refs, bundle: Path, facts: _ModelFacts, dtype: str) -> dict:
     from gmner_rt.backends.onnxruntime import KvLayout, OrtGraphs
 
     from .parity import compare, vision_spec
@@ -329,13 +333,12 @@ def _verify(refs, processor, bundle: Path, facts: _ModelFacts, dtype: str) -> di
         kv,
         providers=["CPUExecutionProvider"],
     )
-    tokens = _token_ids(processor.tokenizer, facts.config, facts.generation_config)
     report = compare(
         graphs,
         refs,
         vision_spec(facts.config),
         dtype,
-        eos_ids=tokens["eos_ids"],
-        pad_id=tokens["pad_id"],
+        eos_ids=facts.tokens["eos_ids"],
+        pad_id=facts.tokens["pad_id"],
     )
     return report.to_dict()

@@ -90,8 +90,6 @@ def _export(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise InputError(f"gmner export: {exc}") from None
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise InputError(f"{args.out}: exists and is not an empty directory; choose a new --out")
     export_bundle(options)
     log.info("wrote bundle %s", args.out)
     return 0

@@ -10,7 +10,6 @@ This module knows nothing about ONNX or bundles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,8 @@ from gmner.train.modeling import (
     load_model_and_processor,
     load_processor,
 )
+
+from gmner_rt.bundle import file_entry
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +163,7 @@ def _fingerprint(model_dir: Path, adapter_dir: Path | None, dtype: str) -> dict:
     """What a merged directory was made from: config and adapter file hashes, dtype."""
 
     def digest(path: Path) -> str:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return file_entry(path)["sha256"]
 
     sources = {"base_config": digest(model_dir / "config.json"), "dtype": dtype}
     if adapter_dir is not None:

@@ -19,7 +19,7 @@ import gmner_rt
 from gmner_rt.draw import draw_entities
 from gmner_rt.errors import InputError
 from gmner_rt.extractor import DEFAULT_BUNDLE, Extraction
-from gmner_rt.geometry import iou
+from gmner_rt.metrics import region_correct
 from gmner_rt.predictions import iter_json_objects
 from gmner_rt.vision import to_rgb
 
@@ -74,11 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _matches(entity, gold: dict) -> bool:
     """Mention, type and region right (the GMNER rule for one pair)."""
-    if (entity.mention, entity.type) != (gold["mention"], gold["type"]):
-        return False
-    if entity.boxes is None or gold["boxes"] is None:
-        return entity.boxes is None and gold["boxes"] is None
-    return all(any(iou(b, g) > 0.5 for g in gold["boxes"]) for b in entity.boxes)
+    gold_boxes = tuple(tuple(b) for b in gold["boxes"]) if gold["boxes"] is not None else None
+    return (entity.mention, entity.type) == (gold["mention"], gold["type"]) and region_correct(
+        entity.boxes, gold_boxes
+    )
 
 
 def _report(example: dict, extraction: Extraction) -> dict:

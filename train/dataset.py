@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from gmner_rt.data import LABELS
 from gmner_rt.errors import InputError
 from gmner_rt.geometry import ImageGeometry
 from gmner_rt.prompt import SYSTEM_PROMPT, user_message
 from gmner_rt.records import EntityRecord, format_answer
+from gmner_rt.vision import to_rgb
 
 from .augment import GRBPConfig, perturb_records, sample_rng
 
@@ -62,12 +63,9 @@ def row_records(row: dict) -> tuple[EntityRecord, ...]:
 
 
 def load_image(path: str) -> Image.Image:
-    """An RGB image as displayed (EXIF orientation applied)."""
-    try:
-        with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"{path}: image not found") from None
+    """An RGB image as displayed (EXIF orientation applied), exactly as the runtime converts
+    it (:func:`gmner_rt.vision.to_rgb`), so training and extraction see the same pixels."""
+    return to_rgb(path)
 
 
 def prompt_messages(row: dict, image: Image.Image, use_cot: bool) -> list[dict]:
