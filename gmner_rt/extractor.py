@@ -2,9 +2,10 @@
 
 The extractor joins the parts: image conversion and preprocessing (:mod:`.vision`), the
 prompt (:mod:`.prompt`, the bundle's chat layout) tokenized with ``tokenizers``, greedy
-generation (:mod:`.generate`) over a backend, and parsing (:mod:`.records`) with boxes mapped
-back to the original image's pixels (:mod:`.geometry`). Whatever the model generates,
-``extract`` returns: records that do not parse are reported in ``malformed``.
+generation (:mod:`.generate`) over a backend, by default constrained to the record grammar of
+each request (:mod:`.constraints`), and parsing (:mod:`.records`) with boxes mapped back to the
+original image's pixels (:mod:`.geometry`). Whatever the model generates, ``extract`` returns:
+unconstrained records that do not parse are reported in ``malformed``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Any, Literal
 import numpy as np
 
 from .bundle import TOKENIZER_NAME, Bundle, load_bundle
+from .constraints import RequestConstraint, TokenTable
 from .errors import BundleError, InputError
 from .generate import GenerationResult, LogitsHook, PromptBatch, VisionSpec, generate
 from .geometry import Box, ImageGeometry
+from .grammar import GrammarTags, grammar_for
 from .images import check_pixel_count
 from .prompt import render_prompt
 from .records import parse_output
@@ -71,8 +74,10 @@ class Extraction:
         malformed: answer segments that did not parse, as written.
         token_ids: the generated token ids (stop token included).
         image_size: the original image's (width, height).
-        timings: seconds per stage (preprocess, vision, prefill, decode, total) and the
-            number of generated tokens (tokens).
+        timings: seconds per stage (preprocess, vision, prefill, decode, choose: picking
+            tokens, the grammar's masks included, total), the
+            number of generated tokens (tokens), of decoder calls for the batch, prefill
+            included (steps), and of tokens the grammar forced (forced_tokens).
     """
 
     records: tuple[Entity, ...]
@@ -145,6 +150,19 @@ class Extractor:
         self._image_pad = self.tokenizer.id_to_token(m.tokens.image_pad_id)
         if self._image_pad is None:
             raise BundleError(f"{bundle.path}: tokenizer.json has no token for image_pad_id")
+        g = m.generation
+        self.tags = GrammarTags(g.think_open, g.think_close, g.answer_open, g.answer_close)
+        self._token_table: TokenTable | None = None
+
+    @property
+    def token_table(self) -> TokenTable:
+        """Every token's bytes, for constrained decoding (built on first use)."""
+        if self._token_table is None:
+            started = time.perf_counter()
+            vocab = self.bundle.manifest.model.text.vocab_size
+            self._token_table = TokenTable.from_tokenizer(self.tokenizer, vocab)
+            log.info("token table: %d tokens in %.3f s", vocab, time.perf_counter() - started)
+        return self._token_table
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -215,12 +233,34 @@ class Extractor:
         text: str,
         *,
         think: Think = "auto",
+        think_budget: int | None = None,
+        constrained: bool = True,
+        jump_forward: bool = True,
         max_new_tokens: int | None = None,
         logits_hook: LogitsHook | None = None,
     ) -> Extraction:
-        """Entities of ``text`` with their boxes in ``image`` (path, bytes, PIL, or array)."""
+        """Entities of ``text`` with their boxes in ``image`` (path, bytes, PIL, or array).
+
+        Args:
+            think: "on": reason first; "off": answer at once (the answer-only instruction);
+                "auto": the model chooses (when constrained; unconstrained it is "on").
+            think_budget: reasoning tokens after which the reasoning is closed and the
+                answer begins (constrained only).
+            constrained: decode under the record grammar: every record parses, its mention is
+                whole words of ``text``, its type a bundle label, its boxes inside the image;
+                the answer is always closed within ``max_new_tokens``.
+            jump_forward: feed the text the grammar forces in one decoder call.
+            max_new_tokens: the token limit (default: the bundle's).
+            logits_hook: ``hook(logits [B, vocab], state) -> logits``, before the grammar.
+        """
         return self.extract_batch(
-            [(image, text)], think=think, max_new_tokens=max_new_tokens, logits_hook=logits_hook
+            [(image, text)],
+            think=think,
+            think_budget=think_budget,
+            constrained=constrained,
+            jump_forward=jump_forward,
+            max_new_tokens=max_new_tokens,
+            logits_hook=logits_hook,
         )[0]
 
     def extract_batch(
@@ -228,35 +268,65 @@ class Extractor:
         pairs: Sequence[tuple[ImageInput, str]],
         *,
         think: Think = "auto",
+        think_budget: int | None = None,
+        constrained: bool = True,
+        jump_forward: bool = True,
         max_new_tokens: int | None = None,
         logits_hook: LogitsHook | None = None,
     ) -> list[Extraction]:
         """``extract`` for several pairs in one left-padded batch."""
         if think not in ("on", "off", "auto"):
             raise InputError(f"think: expected 'on', 'off' or 'auto', got {think!r}")
+        if think_budget is not None and not constrained:
+            raise InputError("think_budget: needs constrained=True")
         if not pairs:
             return []
+        m = self.bundle.manifest
+        limit = m.generation.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        if limit < 0:
+            raise InputError(f"max_new_tokens: must be >= 0, got {limit}")
         started = time.perf_counter()
         requests = [self._prepare(image, text, think != "off") for image, text in pairs]
+        constraints = None
+        if constrained:
+            constraints = [
+                self._constraint(r, think, think_budget, jump_forward, limit) for r in requests
+            ]
         preprocess_s = time.perf_counter() - started
-        m = self.bundle.manifest
         result = generate(
             self.backend,
             self._batch(requests),
             self.vision,
-            max_new_tokens=(
-                m.generation.default_max_new_tokens if max_new_tokens is None else max_new_tokens
-            ),
+            max_new_tokens=limit,
             eos_ids=m.tokens.eos_ids,
             pad_id=m.tokens.pad_id,
-            stop=self._stop,
+            stop=None if constrained else self._stop,
             logits_hook=logits_hook,
+            constraints=constraints,
         )
         total = time.perf_counter() - started
         return [
-            self._result(r, tokens, result, preprocess_s, total)
-            for r, tokens in zip(requests, result.tokens, strict=True)
+            self._result(r, tokens, result, preprocess_s, total, c)
+            for r, tokens, c in zip(
+                requests, result.tokens, constraints or [None] * len(requests), strict=True
+            )
         ]
+
+    def _constraint(
+        self, request: _Request, think: Think, budget: int | None, jump: bool, limit: int
+    ) -> RequestConstraint:
+        grammar = grammar_for(
+            request.text, self.labels, request.geometry.model_size, think, self.tags
+        )
+        constraint = RequestConstraint(
+            grammar, self.token_table, think_budget=budget, jump_forward=jump
+        )
+        needed = constraint.min_tokens()
+        if limit < needed:
+            raise InputError(
+                f"max_new_tokens: {limit} is too few for a complete answer (at least {needed})"
+            )
+        return constraint
 
     def _result(
         self,
@@ -265,6 +335,7 @@ class Extractor:
         result: GenerationResult,
         preprocess_s: float,
         total: float,
+        constraint: RequestConstraint | None,
     ) -> Extraction:
         eos = set(self.bundle.manifest.tokens.eos_ids)
         text_ids = [t for t in tokens if t not in eos]
@@ -286,6 +357,8 @@ class Extractor:
             **result.timings,
             "total": total,
             "tokens": float(len(tokens)),
+            "steps": float(result.steps),
+            "forced_tokens": float(constraint.forced_tokens if constraint else 0),
         }
         return Extraction(
             records,

@@ -1,9 +1,11 @@
 """Greedy generation over a :class:`Backend`: ``prefill``, ``step``, ``generate``.
 
 The engine works on token ids, pixel arrays and host-computed vision indices; it knows nothing
-about text, prompts or records (stop strings arrive as a callback over token ids). Batches are
-left padded. M-RoPE positions are computed here, on the host: ``rope_index`` for the prompt,
-then every row's next position is one more than its last.
+about text, prompts or records: stop strings arrive as a callback over token ids, a grammar as a
+per-row :class:`TokenConstraint` (a token mask, and the tokens it forces, which are fed to the
+decoder in one call: jump-forward). Batches are left padded; a step feeds each row its own
+number of tokens, left padded within the step. M-RoPE positions are computed here, on the host:
+``rope_index`` for the prompt, then every row's next position is one more than its last.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .vision import VisionIndices, rope_index, vision_indices
 __all__ = [
     "Backend",
     "DecodeState",
+    "TokenConstraint",
     "GenerationResult",
     "PromptBatch",
     "VisionSpec",
@@ -50,6 +53,23 @@ class Backend(Protocol):
         position_ids: np.ndarray,
         past: list,
     ) -> tuple[np.ndarray, list]: ...
+
+
+class TokenConstraint(Protocol):
+    """A grammar over one row's token ids (see :class:`gmner_rt.constraints.RequestConstraint`).
+
+    ``remaining`` is how many tokens the row may still generate; a constraint that must end
+    within it forces its completion in time.
+    """
+
+    @property
+    def done(self) -> bool: ...
+
+    def mask(self, remaining: int): ...  # has ``apply(logits [vocab]) -> logits``
+
+    def advance(self, token_id: int) -> None: ...
+
+    def forced(self, remaining: int) -> list[int]: ...  # already taken by the constraint
 
 
 @dataclass(frozen=True)
@@ -93,7 +113,9 @@ class DecodeState:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """Generated ids per row (stop token included when one stopped it) and timings (s)."""
+    """Generated ids per row (stop token included when one stopped it), timings (s), and the
+    number of steps (each one decoder call, the prefill's included: fewer than the tokens when
+    forced tokens were fed together)."""
 
     tokens: list[list[int]]
     timings: dict[str, float]
@@ -146,19 +168,56 @@ def prefill(
     return logits, state
 
 
-def step(backend: Backend, state: DecodeState, token_ids: np.ndarray) -> np.ndarray:
-    """Feed one token per row (``[B]``); return the next logits ``[B, vocab]``."""
+def step(
+    backend: Backend,
+    state: DecodeState,
+    tokens: np.ndarray | Sequence[Sequence[int]],
+    *,
+    pad_id: int = 0,
+) -> np.ndarray:
+    """Feed the next tokens: one per row (``[B]``), or per row a list of any length (empty for
+    a finished row), left padded with ``pad_id`` to the longest. Returns the logits after each
+    row's last token, ``[B, vocab]``."""
     start = time.perf_counter()
-    rows = len(token_ids)
-    embeds = backend.embed(token_ids.reshape(rows, 1))
-    state.attention_mask = np.concatenate(
-        [state.attention_mask, np.ones((rows, 1), dtype=np.int64)], axis=1
+    if isinstance(tokens, np.ndarray):
+        chunks = [[int(t)] for t in tokens.reshape(-1)]
+    else:
+        chunks = [list(chunk) for chunk in tokens]
+    rows = len(chunks)
+    width = max(1, *(len(chunk) for chunk in chunks))
+    ids = np.full((rows, width), pad_id, dtype=np.int64)
+    mask = np.zeros((rows, width), dtype=np.int64)
+    for row, chunk in enumerate(chunks):
+        ids[row, width - len(chunk) :] = chunk
+        mask[row, width - len(chunk) :] = 1
+    lengths = mask.sum(axis=1)
+    # real tokens continue each row's positions; the padding before them is masked out
+    positions = (
+        state.next_positions[:, None] + np.arange(width)[None, :] - (width - lengths)[:, None]
     )
-    positions = np.broadcast_to(state.next_positions.reshape(1, rows, 1), (3, rows, 1))
-    logits, state.past = backend.decode(embeds, state.attention_mask, positions, state.past)
-    state.next_positions = state.next_positions + 1
+    positions = np.maximum(positions, 0)
+    state.attention_mask = np.concatenate([state.attention_mask, mask], axis=1)
+    logits, state.past = backend.decode(
+        backend.embed(ids),
+        state.attention_mask,
+        np.broadcast_to(positions[None], (3, rows, width)),
+        state.past,
+    )
+    state.next_positions = state.next_positions + lengths
     _add_time(state.timings, "decode", start)
     return logits
+
+
+def _choose(logits: np.ndarray, constraint: TokenConstraint | None, remaining: int) -> list[int]:
+    """One row's next tokens: the forced ones, else the greedy choice and what it forces."""
+    if constraint is None:
+        return [int(np.argmax(logits))]
+    forced = constraint.forced(remaining)
+    if forced:
+        return forced
+    chosen = int(np.argmax(constraint.mask(remaining).apply(logits)))
+    constraint.advance(chosen)
+    return [chosen, *constraint.forced(remaining - 1)]
 
 
 def generate(
@@ -171,24 +230,42 @@ def generate(
     pad_id: int,
     stop: StopCheck | None = None,
     logits_hook: LogitsHook | None = None,
+    constraints: Sequence[TokenConstraint | None] | None = None,
 ) -> GenerationResult:
-    """Greedy decoding until every row hit an eos id, ``stop`` said so, or the token limit."""
+    """Greedy decoding until every row hit an eos id, ``stop`` said so, its constraint is
+    done, or the token limit. ``constraints``: one per row (None: unconstrained)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
-    eos = np.asarray(sorted(set(eos_ids)), dtype=np.int64)
+    rows = len(batch.input_ids)
+    if constraints is not None and len(constraints) != rows:
+        raise ValueError(f"constraints: expected {rows} (one per row), got {len(constraints)}")
+    eos = set(eos_ids)
     logits, state = prefill(backend, batch, vision)
-    steps = 0
-    while steps < max_new_tokens:
+    steps = 1
+    if max_new_tokens == 0:
+        state.finished[:] = True
+    while not state.finished.all():
         if logits_hook is not None:
             logits = logits_hook(logits, state)
-        chosen = np.argmax(logits, axis=-1).astype(np.int64)
-        chosen[state.finished] = pad_id
+        chunks: list[list[int]] = [[] for _ in range(rows)]
+        start = time.perf_counter()
         for row in np.flatnonzero(~state.finished):
-            state.tokens[row].append(int(chosen[row]))
-            if chosen[row] in eos or (stop is not None and stop(int(row), state.tokens[row])):
+            constraint = constraints[row] if constraints is not None else None
+            made = state.tokens[row]
+            chunk = _choose(logits[row], constraint, max_new_tokens - len(made))
+            chunk = chunk[: max_new_tokens - len(made)]
+            made.extend(chunk)
+            chunks[row] = chunk
+            if (
+                len(made) >= max_new_tokens
+                or (constraint is not None and constraint.done)
+                or (constraint is None and chunk[-1] in eos)
+                or (stop is not None and stop(int(row), made))
+            ):
                 state.finished[row] = True
-        steps += 1
-        if state.finished.all() or steps == max_new_tokens:
+        _add_time(state.timings, "choose", start)
+        if state.finished.all():
             break
-        logits = step(backend, state, chosen)
+        logits = step(backend, state, chunks, pad_id=pad_id)
+        steps += 1
     return GenerationResult(tokens=state.tokens, timings=dict(state.timings), steps=steps)

@@ -30,7 +30,15 @@ from dataclasses import dataclass
 from .geometry import Box
 
 __all__ = [
+    "BAR",
+    "BOX_CLOSE",
+    "BOX_OPEN",
+    "COORDINATE_SEPARATOR",
+    "ESCAPE",
+    "ESCAPED_CHARACTERS",
+    "NO_ENTITY",
     "RECORD_FORMAT_VERSION",
+    "RECORD_SEPARATOR",
     "Box",
     "EntityRecord",
     "ParsedOutput",
@@ -46,12 +54,21 @@ __all__ = [
 RECORD_FORMAT_VERSION = 1
 
 
+#: Separates a record's fields (mention, type, region).
 BAR = "|"
+#: Separates records in an answer.
 RECORD_SEPARATOR = "; "
+#: An answer without entities, and a record whose entity the image does not show.
 NO_ENTITY = "None"
+#: A box is written ``[x1,y1,x2,y2]``; several boxes as a list of boxes.
+BOX_OPEN, BOX_CLOSE, COORDINATE_SEPARATOR = "[", "]", ","
+#: Written before a mention character that would otherwise end a field or a record.
+ESCAPE = "\\"
 _BAR_VARIANTS = frozenset("|｜│￨∣")
 _RECORD_SEPARATORS = frozenset(";；\n\r")
-_ESCAPED = _BAR_VARIANTS | frozenset(";；\\")
+#: The mention characters written with :data:`ESCAPE` before them.
+ESCAPED_CHARACTERS = _BAR_VARIANTS | frozenset(";；") | {ESCAPE}
+_ESCAPED = ESCAPED_CHARACTERS
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _TYPE_RE = re.compile(r"^\w[\w\-.]*\Z")  # \Z: "$" would accept "PER\n"
 _REGION_CHARS_RE = re.compile(r"^[\s\d.,+\-\[\]()]*$")
@@ -146,11 +163,11 @@ def _check_boxes(boxes: object) -> tuple[Box, ...]:
 
 def escape_mention(mention: str) -> str:
     """The mention as written in a record (separator characters backslash-escaped)."""
-    return "".join("\\" + ch if ch in _ESCAPED else ch for ch in mention)
+    return "".join(ESCAPE + ch if ch in _ESCAPED else ch for ch in mention)
 
 
 def _format_box(box: Box) -> str:
-    return "[" + ",".join(str(v) for v in box) + "]"
+    return BOX_OPEN + COORDINATE_SEPARATOR.join(str(v) for v in box) + BOX_CLOSE
 
 
 def format_record(record: EntityRecord) -> str:
@@ -160,7 +177,9 @@ def format_record(record: EntityRecord) -> str:
     elif len(record.boxes) == 1:
         region = _format_box(record.boxes[0])
     else:
-        region = "[" + ",".join(_format_box(b) for b in record.boxes) + "]"
+        region = (
+            BOX_OPEN + COORDINATE_SEPARATOR.join(_format_box(b) for b in record.boxes) + BOX_CLOSE
+        )
     return f"{escape_mention(record.mention)}{BAR}{record.type}{BAR}{region}"
 
 

@@ -12,7 +12,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from gmner_rt.data import Tweet, find_image, load_split
 from gmner_rt.errors import DataError, InputError
@@ -21,7 +23,7 @@ from gmner_rt.metrics import PROTOCOLS, EvalReport, evaluate
 from gmner_rt.predictions import read_predictions, write_predictions
 from gmner_rt.records import NO_ENTITY, RECORD_SEPARATOR, EntityRecord, format_record
 
-from .extract import load_extractor, positive_int
+from .extract import add_decoding_arguments, decoding_options, load_extractor, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--out", type=Path, help="where to write the predictions (default: SPLIT_pred.jsonl)"
     )
-    gen.add_argument(
-        "--max-new-tokens",
-        type=positive_int,
-        help="generation limit (default: 512 for --model, the bundle's for --bundle)",
-    )
     gen.add_argument("--batch-size", type=positive_int, default=4, help="default 4")
     ckpt = parser.add_argument_group("score a checkpoint (needs the train extra)")
     ckpt.add_argument("--model", type=Path, help="base Qwen2.5-VL directory")
@@ -63,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave out (of predictions and gold) tweets whose image is missing",
     )
     bundle.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
+    add_decoding_arguments(parser)
 
 
 def score_file(data: Path, split: str, pred: Path, protocol: str = "hindex") -> EvalReport:
@@ -150,12 +148,13 @@ def evaluate_bundle(
     protocol: str = "hindex",
     limit: int | None = None,
     batch_size: int = 4,
-    max_new_tokens: int | None = None,
     skip_missing_images: bool = False,
     threads: int | None = None,
+    decoding: Mapping[str, Any] | None = None,
 ) -> EvalReport:
     """Generate with a bundle on (the first ``limit`` tweets of) a split, write the predictions
-    to ``pred_path`` and score them against the tweets that were run."""
+    to ``pred_path`` and score them against the tweets that were run. ``decoding``: keyword
+    arguments of :meth:`gmner_rt.Extractor.extract_batch` (think, constrained, ...)."""
     tweets = load_split(data, split)[:limit]
     pairs = tweet_images(tweets, images, skip_missing=skip_missing_images)
     extractor = load_extractor(bundle, threads)
@@ -163,7 +162,7 @@ def evaluate_bundle(
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         results = extractor.extract_batch(
-            [(path, tweet.text) for tweet, path in chunk], max_new_tokens=max_new_tokens
+            [(path, tweet.text) for tweet, path in chunk], **(decoding or {})
         )
         for (tweet, _), extraction in zip(chunk, results, strict=True):
             outputs[tweet.img_id] = prediction_output(extraction)
@@ -188,6 +187,15 @@ def _check_mode(args: argparse.Namespace) -> str:
                 raise InputError(f"--{flag} applies to --bundle only")
         if args.skip_missing_images:
             raise InputError("--skip-missing-images applies to --bundle only")
+        decoding = {
+            "--think": args.think != "auto",
+            "--think-budget": args.think_budget is not None,
+            "--unconstrained": args.unconstrained,
+            "--no-jump-forward": args.no_jump_forward,
+        }
+        for flag, given in decoding.items():
+            if given:
+                raise InputError(f"{flag} applies to --bundle only")
     if mode != "pred":
         if not args.images:
             raise InputError(f"--{mode} needs --images IMGDIR")
@@ -229,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
             protocol=args.protocol,
             limit=args.limit,
             batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
+            decoding=decoding_options(args),
             skip_missing_images=args.skip_missing_images,
             threads=args.threads,
         )

@@ -59,17 +59,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the extraction as JSON")
     parser.add_argument("--draw", type=Path, help="write the image with the boxes drawn here")
-    parser.add_argument(
+    add_decoding_arguments(parser)
+    parser.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that choose how a bundle decodes (see :meth:`gmner_rt.Extractor.extract`)."""
+    group = parser.add_argument_group("decoding")
+    group.add_argument(
         "--think",
         choices=("on", "off", "auto"),
         default="auto",
-        help="on: the reasoning prompt, off: the answer-only prompt, auto (default): the "
-        "extractor's choice",
+        help="on: reason first; off: the answer-only prompt, answer at once; auto (default): "
+        "the model chooses",
     )
-    parser.add_argument(
+    group.add_argument(
+        "--think-budget", type=positive_int, help="close the reasoning after N tokens"
+    )
+    group.add_argument(
+        "--unconstrained",
+        action="store_true",
+        help="decode without the record grammar (records that do not parse are reported)",
+    )
+    group.add_argument(
+        "--no-jump-forward",
+        action="store_true",
+        help="feed the text the grammar forces one token per step",
+    )
+    group.add_argument(
         "--max-new-tokens", type=positive_int, help="generation limit (default: the bundle's)"
     )
-    parser.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
+
+
+def decoding_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``extract`` / ``extract_batch`` that the decoding flags set."""
+    if args.unconstrained and args.think_budget is not None:
+        raise InputError("--think-budget needs the grammar; drop --unconstrained")
+    return {
+        "think": args.think,
+        "think_budget": args.think_budget,
+        "constrained": not args.unconstrained,
+        "jump_forward": not args.no_jump_forward,
+        "max_new_tokens": args.max_new_tokens,
+    }
 
 
 def load_extractor(bundle: Path | None, threads: int | None = None) -> Extractor:
@@ -150,9 +182,7 @@ def _run_one(args: argparse.Namespace) -> int:
     if args.draw is not None and not args.draw.parent.is_dir():
         raise InputError(f"--draw {args.draw}: folder {args.draw.parent} does not exist")
     extractor = load_extractor(args.bundle, args.threads)
-    extraction = extractor.extract(
-        args.image, text, think=args.think, max_new_tokens=args.max_new_tokens
-    )
+    extraction = extractor.extract(args.image, text, **decoding_options(args))
     if args.json:
         print(json.dumps(extraction.to_dict(), ensure_ascii=False, indent=2))
     else:
@@ -206,9 +236,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     for chunk in _chunks(rows, args.batch_size):
         pairs = [(row["_path"], row["text"]) for row in chunk]
-        results = extractor.extract_batch(
-            pairs, think=args.think, max_new_tokens=args.max_new_tokens
-        )
+        results = extractor.extract_batch(pairs, **decoding_options(args))
         for row, extraction in zip(chunk, results, strict=True):
             fields = {k: v for k, v in row.items() if k != "_path"}
             print(json.dumps({**fields, **extraction.to_dict()}, ensure_ascii=False))

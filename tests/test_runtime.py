@@ -111,12 +111,14 @@ def test_extract_ids_equal_hf_greedy_batch_1_and_3(which, base_bundle, tiny_bund
         for i, (size, text) in enumerate(zip(PAIR_SIZES, PAIR_TEXTS, strict=True))
     ]
     limit = 24
-    single = [extractor.extract(im, text, max_new_tokens=limit) for im, text in pairs]
+    single = [
+        extractor.extract(im, text, max_new_tokens=limit, constrained=False) for im, text in pairs
+    ]
     reference = [_hf_generate(model, processor, [pair], limit)[0] for pair in pairs]
     for ours, theirs in zip(single, reference, strict=True):
         assert _same_greedy(ours.token_ids, theirs, pad, limit), (ours.token_ids, theirs)
     batch = pairs[:3]
-    ours = extractor.extract_batch(batch, max_new_tokens=limit)
+    ours = extractor.extract_batch(batch, max_new_tokens=limit, constrained=False)
     theirs = _hf_generate(model, processor, batch, limit)
     for o, t in zip(ours, theirs, strict=True):
         assert _same_greedy(o.token_ids, t, pad, limit), (o.token_ids, t)
@@ -178,7 +180,9 @@ def test_boxes_map_to_original_pixels_and_mentions_get_spans(tiny_bundle):
         "<think>Two people.</think><answer>Alice|PER|[0,0,154,70]; Paris|LOC|None; "
         "bad record; Alice|PER|[[154,70,308,140],[0,0,28,28]]</answer> trailing junk",
     )
-    result = extractor.extract(Image.new("RGB", (448, 224)), "Alice met alice in Paris")
+    result = extractor.extract(
+        Image.new("RGB", (448, 224)), "Alice met alice in Paris", constrained=False
+    )
     assert result.think == "Two people."
     assert result.malformed == ("bad record",)
     alice, paris, again = result.records
@@ -196,7 +200,9 @@ def test_boxes_map_to_original_pixels_and_mentions_get_spans(tiny_bundle):
 
 def test_unparseable_output_is_reported_not_raised(tiny_bundle):
     extractor = _scripted(tiny_bundle, "|||[[[ ;;; <answer>")
-    result = extractor.extract(Image.new("RGB", (64, 64)), "Alice", max_new_tokens=12)
+    result = extractor.extract(
+        Image.new("RGB", (64, 64)), "Alice", max_new_tokens=12, constrained=False
+    )
     assert result.records == ()
     assert len(result.token_ids) == 12
 
