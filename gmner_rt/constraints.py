@@ -154,18 +154,16 @@ class TokenTable:
     def _walk(
         self, grammar: AnswerGrammar, state: State, prefix: bytes, lo: int, hi: int, out: list
     ) -> None:
+        strings, depth = self.strings, len(prefix)
         allowed = grammar.allowed_bytes(state)
-        if allowed is None:
-            allowed = bytes(range(256))
-        strings = self.strings
+        if allowed is None:  # free text: the next bytes the strings in range hold
+            allowed = self._next_bytes(depth, lo, hi)
         for byte in allowed:
             longer = prefix + bytes((byte,))
             start = bisect.bisect_left(strings, longer, lo, hi)
-            stop = (
-                hi
-                if byte == 255
-                else bisect.bisect_left(strings, prefix + bytes((byte + 1,)), start, hi)
-            )
+            stop = hi
+            if byte < 255:
+                stop = bisect.bisect_left(strings, prefix + bytes((byte + 1,)), start, hi)
             if start == stop:
                 continue
             nxt = grammar.step(state, byte)
@@ -174,6 +172,18 @@ class TokenTable:
                 start += 1
             if start < stop:
                 self._walk(grammar, nxt, longer, start, stop, out)
+
+    def _next_bytes(self, depth: int, lo: int, hi: int) -> bytes:
+        """The distinct bytes at ``depth`` of ``strings[lo:hi]`` (which share a prefix)."""
+        strings, found = self.strings, bytearray()
+        at = lo + (lo < hi and len(strings[lo]) == depth)
+        while at < hi:
+            byte = strings[at][depth]
+            found.append(byte)
+            if byte == 255:
+                break
+            at = bisect.bisect_left(strings, strings[at][:depth] + bytes((byte + 1,)), at, hi)
+        return bytes(found)
 
 
 def _utf8_or_none(data: bytes) -> str | None:
@@ -272,14 +282,13 @@ class RequestConstraint:
 
     def _state_mask(self, state: State) -> TokenMask:
         if not self.grammar.in_think(state):
-            return TokenMask(
-                np.asarray(sorted(self.table.walk(self.grammar, state)), dtype=np.int64)
-            )
-        ok = [int(i) for i in self.table.tag_end_ids if self._after(state, int(i)) is not None]
-        banned = np.setdiff1d(
-            np.arange(self.table.vocab_size), np.concatenate([self.table.free_text_ids, ok])
-        )
-        return TokenMask(banned, allow=False)
+            ids = np.asarray(sorted(self.table.walk(self.grammar, state)), dtype=np.int64)
+            return TokenMask(ids)
+        banned = np.ones(self.table.vocab_size, dtype=bool)
+        banned[self.table.free_text_ids] = False
+        for token_id in self.table.tag_end_ids.tolist():
+            banned[token_id] = self._after(state, token_id) is None
+        return TokenMask(np.flatnonzero(banned), allow=False)
 
     def _after(self, state: State, token_id: int) -> State | None:
         data = self.table.token_bytes[token_id]
@@ -291,13 +300,13 @@ class RequestConstraint:
         if mask.allow:
             return TokenMask(self._fits(mask.ids, budget))
         # free text: a token without ">" stays in it, so fits when the longest way out does
-        allowed_tag_ends = np.setdiff1d(self.table.tag_end_ids, mask.ids)
+        allowed_tag_ends = self.table.tag_end_ids[~np.isin(self.table.tag_end_ids, mask.ids)]
         fitting = self._fits(allowed_tag_ends, budget)
         tags = self.grammar.tags
         longest_exit = len(tags.think_close) + len(self._closing(self.grammar.after_think()))
         if budget >= longest_exit:
-            unfit = np.setdiff1d(allowed_tag_ends, fitting)
-            return TokenMask(np.union1d(mask.ids, unfit), allow=False)
+            unfit = allowed_tag_ends[~np.isin(allowed_tag_ends, fitting)]
+            return TokenMask(np.concatenate([mask.ids, unfit]), allow=False)
         return TokenMask(fitting)
 
     def _fits(self, candidates: np.ndarray, budget: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from typing import Literal
 
 from .errors import InputError
 from .records import (
+    ASCII_LOWER,
     BAR,
     BOX_CLOSE,
     BOX_OPEN,
@@ -129,7 +130,7 @@ class _MentionText:
     starts: tuple[int, ...]  # offsets where a mention may begin
     ends: frozenset[int]  # offsets where a mention may end (exclusive)
     escaped: tuple[bool, ...]  # a character written with ESCAPE before it starts here
-    blocked: tuple[bool, ...]  # a mention may not take this byte (newline, a tag's "<")
+    live: tuple[bool, ...]  # a mention may take this byte: an end can still be reached
     to_end: tuple[float, ...]  # bytes written from here to the nearest end past here
 
     @classmethod
@@ -144,7 +145,7 @@ class _MentionText:
         n = len(data)
         escaped = [False] * n
         blocked = [False] * n
-        low = text.lower()
+        low = text.translate(ASCII_LOWER)  # keeps offsets, unlike str.lower
         # newlines and tags' "<" may not be in a mention; as boundaries they count as spaces
         barrier = [
             ch in "\r\n" or (ch == "<" and any(low.startswith(t, i) for t in tags))
@@ -178,7 +179,7 @@ class _MentionText:
             tuple(starts),
             frozenset(ends),
             tuple(escaped),
-            tuple(blocked),
+            tuple(d != float("inf") for d in to_end),
             tuple(to_end),
         )
 
@@ -216,6 +217,8 @@ class AnswerGrammar:
             raise InputError(f"labels: expected non-empty labels without {BAR!r}, got {labels!r}")
         if width < 2 or height < 2:
             raise InputError(f"image size: expected at least 2x2, got {width}x{height}")
+        self.labels = tuple(labels)
+        self.think = think
         self.text = _MentionText.of(text, [t.lower() for t in astuple(tags)])
         self.width, self.height = width, height
         self.tags = tags
@@ -307,7 +310,7 @@ class AnswerGrammar:
         t = self.text
         out = set()
         for p in positions:
-            if p >= len(t.data) or t.blocked[p]:
+            if p >= len(t.data) or not t.live[p]:
                 continue
             if pending or not t.escaped[p]:
                 out.add(t.data[p])
@@ -362,15 +365,12 @@ class AnswerGrammar:
                 return self._types
             return None
         if byte == _ESC and not pending:
-            kept = tuple(p for p in positions if p < len(t.data) and t.escaped[p])
+            kept = tuple(p for p in positions if p < len(t.data) and t.escaped[p] and t.live[p])
             return ("mention", kept, True, True) if kept else None
         moved = tuple(
             p + 1
             for p in positions
-            if p < len(t.data)
-            and not t.blocked[p]
-            and t.data[p] == byte
-            and (pending or not t.escaped[p])
+            if p < len(t.data) and t.live[p] and t.data[p] == byte and (pending or not t.escaped[p])
         )
         return ("mention", moved, False, True) if moved else None
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from .geometry import Box
 
 __all__ = [
+    "ASCII_LOWER",
     "BAR",
     "BOX_CLOSE",
     "BOX_OPEN",
@@ -77,7 +78,7 @@ _INNER_LIST_RE = re.compile(r"[\[(]([^\[\]()]*)[\])]")
 _NONE_WORDS = frozenset({"none", "null", "n/a"})
 #: Lower-cases ASCII only: ``str.lower`` turns "\u0130" into two characters, which would shift
 #: the offsets found in the lowered text against the original one.
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +212,7 @@ def _find(low: str, tag: str, start: int = 0) -> int:
 
 def _split_tags(text: str) -> tuple[str | None, str | None, bool]:
     """Split raw model text into (think, answer text, answer closed)."""
-    low = text.translate(_ASCII_LOWER)
+    low = text.translate(ASCII_LOWER)
     t_open = _find(low, "<think>")
     t_close = _find(low, "</think>", max(t_open, 0))
     a_open = _find(low, "<answer>", t_close if t_close >= 0 else 0)
