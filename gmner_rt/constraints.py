@@ -30,6 +30,9 @@ from .grammar import MAX_FORCED_BYTES, AnswerGrammar, State
 
 __all__ = ["RequestConstraint", "TokenMask", "TokenTable"]
 
+#: Forced texts whose token ids a table remembers.
+_ENCODED_CACHE = 4096
+
 
 # ---------------------------------------------------------------------------------------------
 # Tokens
@@ -128,6 +131,8 @@ class TokenTable:
                 ids = found
         if ids is None:
             ids = self._greedy_split(data)
+        if len(self._encoded) >= _ENCODED_CACHE:  # forced texts differ per request
+            self._encoded.clear()
         self._encoded[data] = ids
         return ids
 
@@ -334,9 +339,10 @@ class RequestConstraint:
         spent, else the text the grammar forces (with jump-forward), else none."""
         if self.done:
             return []
-        closing = self._closing(self.state)
-        if len(closing) >= remaining or self._nothing_fits(remaining):
-            return self._take(closing, all_of_it=True)
+        if remaining <= self.grammar.max_closing + 1:  # no closing is longer than that
+            closing = self._closing(self.state)
+            if len(closing) >= remaining or self._nothing_fits(remaining):
+                return self._take(closing, all_of_it=True)
         if self.think_budget_spent():
             return self._take(self._think_exit(), all_of_it=True)
         if self.jump_forward:

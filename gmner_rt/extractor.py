@@ -24,7 +24,7 @@ from .constraints import RequestConstraint, TokenTable
 from .errors import BundleError, InputError
 from .generate import GenerationResult, LogitsHook, PromptBatch, VisionSpec, generate
 from .geometry import Box, ImageGeometry
-from .grammar import GrammarTags, grammar_for
+from .grammar import AnswerGrammar, GrammarTags
 from .images import check_pixel_count
 from .prompt import render_prompt
 from .records import parse_output
@@ -315,8 +315,9 @@ class Extractor:
     def _constraint(
         self, request: _Request, think: Think, budget: int | None, jump: bool, limit: int
     ) -> RequestConstraint:
-        grammar = grammar_for(
-            request.text, self.labels, request.geometry.model_size, think, self.tags
+        width, height = request.geometry.model_size
+        grammar = AnswerGrammar(
+            request.text, self.labels, width, height, think=think, tags=self.tags
         )
         constraint = RequestConstraint(
             grammar, self.token_table, think_budget=budget, jump_forward=jump

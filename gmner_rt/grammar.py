@@ -14,7 +14,7 @@ nothing about tokens (see :mod:`.constraints`), models or images beyond the resi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 from typing import Literal
 
@@ -37,7 +37,6 @@ __all__ = [
     "AnswerGrammar",
     "GrammarTags",
     "State",
-    "grammar_for",
 ]
 
 #: Boxes one record may list (Twitter-GMNER's most is well below).
@@ -466,14 +465,3 @@ class AnswerGrammar:
         region = 2 * box + 3 + len(tags.answer_close)
         answer = len(tags.answer_open) + max(none_answer, mention, region)
         return max(think, answer)
-
-
-def grammar_for(
-    text: str,
-    labels: Iterable[str],
-    size: tuple[int, int],
-    think: ThinkMode,
-    tags: GrammarTags,
-) -> AnswerGrammar:
-    """The grammar of one request (``size``: the resized image's width and height)."""
-    return AnswerGrammar(text, tuple(labels), size[0], size[1], think=think, tags=tags)

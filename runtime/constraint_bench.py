@@ -671,25 +671,10 @@ ENGINES: dict[str, tuple[type, tuple[Callable | type, ...]]] = {
 }
 
 
-def _code_lines(objects: Iterable[Callable | type]) -> int:
-    """Non-blank lines of the objects' source that are not comments or docstrings."""
-    count = 0
-    for obj in objects:
-        in_doc = False
-        for line in inspect.getsource(obj).splitlines():
-            s = line.strip()
-            quotes = s.count('"""')
-            if in_doc or quotes:
-                in_doc = in_doc != (quotes % 2 == 1)
-                continue
-            count += bool(s) and not s.startswith("#")
-    return count
-
-
-def _module_code_lines(path: str) -> int:
-    """Code lines of a module (as :func:`_code_lines`)."""
+def _count_code(lines: Iterable[str]) -> int:
+    """Non-blank lines that are not comments or docstrings."""
     count, in_doc = 0, False
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in lines:
         s = line.strip()
         quotes = s.count('"""')
         if in_doc or quotes:
@@ -697,6 +682,16 @@ def _module_code_lines(path: str) -> int:
             continue
         count += bool(s) and not s.startswith("#")
     return count
+
+
+def _code_lines(objects: Iterable[Callable | type]) -> int:
+    """Code lines of the objects' source (as :func:`_count_code`)."""
+    return sum(_count_code(inspect.getsource(obj).splitlines()) for obj in objects)
+
+
+def _module_code_lines(path: str) -> int:
+    """Code lines of a module (as :func:`_count_code`)."""
+    return _count_code(Path(path).read_text(encoding="utf-8").splitlines())
 
 
 # ---------------------------------------------------------------------------------------------
