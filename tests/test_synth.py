@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gmner.runtime import cli
-from gmner.train.synth import NAMES, SPLITS, SynthConfig, plan_tweet, write_synth
+from gmner.train.synth import (
+    NAMES,
+    SPLITS,
+    SynthConfig,
+    cell_words,
+    plan_tweet,
+    think_text,
+    write_synth,
+)
 from PIL import Image
 
 from gmner_rt.data import available_splits, find_image, load_split
@@ -165,6 +173,8 @@ def test_refuses_a_non_empty_out_dir(tmp_path):
         ({"glyph_max": 0.9}, "glyph_max"),
         ({"mention_probs": (0.5, 0.4)}, "mention_probs"),
         ({"not_drawn": 1.5}, "not_drawn"),
+        ({"grid": 2}, "grid"),
+        ({"grid": -1}, "grid"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, flag):
@@ -197,3 +207,30 @@ def test_position_wash_shows_where_each_pixel_is(sample, tweets):
     red_by_x = np.polyfit(cols / (w - 1), rgb[rows, cols, 0], 1)[0]
     blue_by_y = np.polyfit(rows / (h - 1), rgb[rows, cols, 2], 1)[0]
     assert red_by_x > 60 and blue_by_y > 60
+
+
+def test_grid_puts_each_glyph_in_its_own_cell_and_the_reasoning_names_it():
+    cfg = SynthConfig(seed=5, min_side=300, max_side=300, grid=3)
+    for i in range(200):
+        tweet = plan_tweet(np.random.default_rng([5, i]), cfg, str(i))
+        cells = []
+        for _name, x, y, side in tweet.glyphs:
+            col, row = int((x + side / 2) // 100), int((y + side / 2) // 100)
+            assert x >= col * 100 - 5 and x + side <= (col + 1) * 100 + 5  # inside its cell
+            assert 0.75 * 100 - 1 <= side <= 0.9 * 100
+            cells.append((row, col))
+        assert len(set(cells)) == len(cells)
+        boxes = [(n, (x, y, x + s, y + s)) for n, x, y, s in tweet.glyphs]
+        think = think_text(tweet, boxes, grid=3)
+        for name, box in boxes:
+            if name in tweet.mentions:
+                assert cell_words(box, tweet.size, 3) in think
+
+
+def test_cell_words():
+    size = (300, 300)
+    assert cell_words((0, 0, 90, 90), size, 3) == "top left"
+    assert cell_words((110, 110, 190, 190), size, 3) == "centre"
+    assert cell_words((210, 110, 290, 190), size, 3) == "middle right"
+    assert cell_words((110, 210, 190, 299), size, 3) == "bottom centre"
+    assert cell_words((0, 0, 60, 60), size, 5) == "row 1 column 1"

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--seed", type=int, help="generator seed (default 0)")
     for split, n in (("train", 1200), ("dev", 150), ("test", 150)):  # SynthConfig's defaults
         synth.add_argument(f"--{split}", type=int, help=f"{split} tweets (default {n})")
+    synth.add_argument(
+        "--grid", type=int, help="N: each glyph in its own cell of an N x N grid (default 0: free)"
+    )
 
 
 def stats_table(stats: dict[str, dict]) -> str:
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from .synth import SynthConfig, write_synth  # numpy + PIL drawing, only when asked
 
-        given = {k: getattr(args, k) for k in ("seed", "train", "dev", "test")}
+        given = {k: getattr(args, k) for k in ("seed", "train", "dev", "test", "grid")}
         cfg = SynthConfig(**{k: v for k, v in given.items() if v is not None})
         for split, c in write_synth(args.out, cfg).items():
             log.info("%s: %s", split, ", ".join(f"{v} {k}" for k, v in c.items()))

@@ -134,11 +134,12 @@ def write_examples(
 
 
 def demo_synth(seed: int, **sizes: int):
-    """The demo's synthetic data settings: square 320 x 320 images (one model-space size,
-    224 x 224, so the tiny model learns one coordinate scale), position wash on."""
+    """The demo's synthetic data settings: square 320 x 320 images (one model-space size, so
+    the tiny model learns one coordinate scale), position wash on, glyphs in the cells of a
+    3 x 3 grid that the reasoning names."""
     from .synth import SynthConfig
 
-    return SynthConfig(seed=seed, min_side=320, max_side=320, **sizes)
+    return SynthConfig(seed=seed, min_side=320, max_side=320, grid=3, **sizes)
 
 
 def retrain(
