@@ -4,9 +4,10 @@
 part, then ``<answer>``, then ``None`` or records ``mention|TYPE|REGION`` joined by ``"; "``
 (the format of :mod:`.records`, whose constants it uses), then ``</answer>``. Mentions are
 whole-word substrings of the request's text, escaped as :func:`.records.escape_mention`
-writes them; the type is one of the labels; a box's integers lie in the resized image with
-``x1 < x2`` and ``y1 < y2``. Besides stepping, it tells the bytes allowed next, the bytes every
-continuation starts with (for jump-forward), and a shortest completion.
+writes them, each at most as often as the text holds it (entities are spans); the type is
+one of the labels; a box's integers lie in the resized image with ``x1 < x2`` and ``y1 < y2``.
+Besides stepping, it tells the bytes allowed next, the bytes every continuation starts with
+(for jump-forward), and a shortest completion.
 
 Bytes, not characters: a byte-level BPE token may end inside a character. This module knows
 nothing about tokens (see :mod:`.constraints`), models or images beyond the resized size.
@@ -14,8 +15,10 @@ nothing about tokens (see :mod:`.constraints`), models or images beyond the resi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import astuple, dataclass
+from functools import cache
+from itertools import accumulate, islice
 from typing import Literal
 
 from .errors import InputError
@@ -56,10 +59,14 @@ _DIGITS = b"0123456789"
 #   ("lits", alts, k)          alts: ((literal bytes, next state), ...), k bytes matched
 #   ("think", k)               free text; k bytes of the closing tag matched
 #   ("union", a, b)            both automata run; a is preferred when closing
-#   ("mention", positions, pending_escape, nonempty)
-#   ("open",)                  after a region's "[": a second "[" (several boxes) or a digit
-#   ("num", field, digits, values, boxes_done)   boxes_done -1: a single box
-#   ("more", boxes_done)       after a box of a list: "," and the next box, or the list's "]"
+#   ("mention", positions, pending_escape, nonempty, length, used)
+#                              positions: text offsets after the bytes typed; length: text
+#                              bytes typed (escapes not counted)
+#   ("open", used)             after a region's "[": a second "[" (several boxes) or a digit
+#   ("num", field, digits, values, boxes_done, used)   boxes_done -1: a single box
+#   ("more", boxes_done, used) after a box of a list: "," and the next box, or the list's "]"
+# used: the mentions of the records written so far (sorted bytes), so that a mention is
+# written at most as often as the text holds it.
 State = tuple
 DONE: State = ("done",)
 
@@ -131,6 +138,7 @@ class _MentionText:
     escaped: tuple[bool, ...]  # a character written with ESCAPE before it starts here
     live: tuple[bool, ...]  # a mention may take this byte: an end can still be reached
     to_end: tuple[float, ...]  # bytes written from here to the nearest end past here
+    cost: tuple[int, ...]  # bytes written for the text before each offset (escapes count)
 
     @classmethod
     def of(cls, text: str, tags: Sequence[str]) -> _MentionText:
@@ -180,7 +188,41 @@ class _MentionText:
             tuple(escaped),
             tuple(d != float("inf") for d in to_end),
             tuple(to_end),
+            tuple(accumulate((1 + e for e in escaped), initial=0)),
         )
+
+    def ends_from(self, p: int, strict: bool, reach: float) -> Iterator[tuple[int, int]]:
+        """``(end, bytes to write)`` of the ends a mention at offset ``p`` can reach, nearest
+        first, up to ``reach`` bytes; ``strict``: not ``p`` itself."""
+        q = p
+        while True:
+            cost = self.cost[q] - self.cost[p]
+            if cost > reach:
+                return
+            if q in self.ends and (q > p or not strict):
+                yield q, cost
+            if q >= len(self.data) or not self.live[q]:
+                return
+            q += 1
+
+    def second_end_reach(self) -> int:
+        """The most bytes from any offset to its second-nearest end (its nearest when it has
+        one only): a completion may skip one used-up mention."""
+        reach = 0
+        for p in range(len(self.data)):
+            costs = [cost for _, cost in islice(self.ends_from(p, True, float("inf")), 2)]
+            if costs:
+                reach = max(reach, costs[-1])
+        return reach
+
+    def occurrences(self, mention: bytes) -> int:
+        """How many whole-word spans of the text are ``mention``."""
+        count = 0
+        for s in self.starts:
+            e = s + len(mention)
+            if self.data.startswith(mention, s) and e in self.ends:
+                count += all(self.live[s:e])
+        return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,20 +265,17 @@ class AnswerGrammar:
         self.tags = tags
         self._think_close = tags.think_close.encode()
         self._answer_close = _lits((tags.answer_close.encode(), DONE))
-        self.after_record = _lits(
-            (tags.answer_close.encode(), DONE), (RECORD_SEPARATOR.encode(), self._mention_start())
-        )
-        label_alts = sorted(
+        #: how far a mention's completion may reach (bytes): past one used-up end at most
+        self.reach = self.text.second_end_reach()
+        self._label_alts = sorted(
             {label.encode() + BAR.encode() for label in labels}, key=lambda lit: (len(lit), lit)
         )
-        self._types = _lits(*((lit, self._region_start()) for lit in label_alts))
-        self.body = (
-            "union",
-            _lits((NO_ENTITY.encode(), self._answer_close)),
-            self._mention_start(),
-        )
-        if not self.text.starts:  # no word to mention: the only answer is None
-            self.body = _lits((NO_ENTITY.encode(), self._answer_close))
+        self._after_record = cache(self._after_record_uncached)
+        self._types = cache(self._types_uncached)
+        self._occurrences = cache(self.text.occurrences)
+        start = self._mention_start(())
+        none = _lits((NO_ENTITY.encode(), self._answer_close))
+        self.body = none if start is None else ("union", none, start)
         answer = (tags.answer_open.encode(), self.body)
         reasoning = (tags.think_open.encode(), ("think", 0))
         self.initial: State = {
@@ -248,11 +287,37 @@ class AnswerGrammar:
 
     # -- states ----------------------------------------------------------------------------
 
-    def _mention_start(self) -> State:
-        return ("mention", self.text.starts, False, False)
+    def _mention_start(self, used: tuple[bytes, ...]) -> State | None:
+        """A new mention's state, or None when every mention the text allows is used up."""
+        state = ("mention", self.text.starts, False, False, 0, used)
+        return state if self._mention_target(state) is not None else None
 
-    def _region_start(self) -> State:
-        return _lits((NO_ENTITY.encode(), self.after_record), (BOX_OPEN.encode(), ("open",)))
+    def _after_record_uncached(self, used: tuple[bytes, ...]) -> State:
+        close = (self.tags.answer_close.encode(), DONE)
+        start = self._mention_start(used)
+        return _lits(close) if start is None else _lits(close, (RECORD_SEPARATOR.encode(), start))
+
+    def _types_uncached(self, used: tuple[bytes, ...]) -> State:
+        region = _lits(
+            (NO_ENTITY.encode(), self._after_record(used)), (BOX_OPEN.encode(), ("open", used))
+        )
+        return _lits(*((lit, region) for lit in self._label_alts))
+
+    def _used_up(self, mention: bytes, used: tuple[bytes, ...]) -> bool:
+        return used.count(mention) >= self._occurrences(mention)
+
+    def _mention_target(self, state: State) -> tuple[int, int] | None:
+        """``(offset, end)`` of the cheapest completion of a mention that is not used up and
+        lies within :attr:`reach`, or None."""
+        _, positions, pending, nonempty, length, used = state
+        data, best = self.text.data, None
+        for p in positions:
+            for end, cost in self.text.ends_from(p, not nonempty or pending, self.reach):
+                if not used or not self._used_up(data[p - length : end], used):
+                    if best is None or cost < best[2]:
+                        best = (p, end, cost)
+                    break
+        return None if best is None else best[:2]
 
     def after_think(self) -> State:
         """The state right after the reasoning's closing tag."""
@@ -285,7 +350,7 @@ class AnswerGrammar:
         if kind == "open":
             return BOX_OPEN.encode() + self._digits(0, (), b"")
         if kind == "num":
-            _, fld, digits, values, _done = state
+            _, fld, digits, values, _done, _used = state
             lo, hi = self._bounds(fld, values)
             out = self._digits(fld, values, digits)
             if digits and lo <= int(digits) <= hi:
@@ -305,7 +370,7 @@ class AnswerGrammar:
         return bytes(d for d in _DIGITS if _number_prefix_ok(digits + bytes((d,)), lo, hi))
 
     def _mention_bytes(self, state: State) -> bytes:
-        _, positions, pending, nonempty = state
+        _, positions, pending, nonempty, _length, used = state
         t = self.text
         out = set()
         for p in positions:
@@ -317,6 +382,8 @@ class AnswerGrammar:
                 out.add(_ESC)
         if nonempty and not pending and any(p in t.ends for p in positions):
             out.add(_BAR)
+        if used:  # some bytes lead only to used-up mentions
+            out = {b for b in out if self._mention_step(state, b) is not None}
         return bytes(sorted(out))
 
     def step(self, state: State, byte: int) -> State | None:
@@ -345,46 +412,60 @@ class AnswerGrammar:
             return self._mention_step(state, byte)
         if kind == "open":
             if byte == ord(BOX_OPEN):
-                return ("num", 0, b"", (), 0)
-            return self._num_step(("num", 0, b"", (), -1), byte)
+                return ("num", 0, b"", (), 0, state[1])
+            return self._num_step(("num", 0, b"", (), -1, state[1]), byte)
         if kind == "num":
             return self._num_step(state, byte)
         if kind == "more":
-            if byte == ord(COORDINATE_SEPARATOR) and state[1] < MAX_BOXES_PER_RECORD:
-                return _lits((BOX_OPEN.encode(), ("num", 0, b"", (), state[1])))
-            if byte == ord(BOX_CLOSE) and state[1] >= 2:
-                return self.after_record
+            _, done, used = state
+            if byte == ord(COORDINATE_SEPARATOR) and done < MAX_BOXES_PER_RECORD:
+                return _lits((BOX_OPEN.encode(), ("num", 0, b"", (), done, used)))
+            if byte == ord(BOX_CLOSE) and done >= 2:
+                return self._after_record(used)
         return None
 
     def _mention_step(self, state: State, byte: int) -> State | None:
-        _, positions, pending, nonempty = state
+        _, positions, pending, nonempty, length, used = state
         t = self.text
         if byte == _BAR and not pending:
-            if nonempty and any(p in t.ends for p in positions):
-                return self._types
-            return None
+            ends = [p for p in positions if p in t.ends]
+            if not nonempty or not ends:
+                return None
+            mention = t.data[ends[0] - length : ends[0]]  # every offset follows the same text
+            if used and self._used_up(mention, used):
+                return None
+            return self._types(tuple(sorted((*used, mention))))
         if byte == _ESC and not pending:
             kept = tuple(p for p in positions if p < len(t.data) and t.escaped[p] and t.live[p])
-            return ("mention", kept, True, True) if kept else None
-        moved = tuple(
-            p + 1
-            for p in positions
-            if p < len(t.data) and t.live[p] and t.data[p] == byte and (pending or not t.escaped[p])
-        )
-        return ("mention", moved, False, True) if moved else None
+            after = ("mention", kept, True, True, length, used)
+        else:
+            kept = tuple(
+                p + 1
+                for p in positions
+                if p < len(t.data)
+                and t.live[p]
+                and t.data[p] == byte
+                and (pending or not t.escaped[p])
+            )
+            after = ("mention", kept, False, True, length + 1, used)
+        if not kept or (used and self._mention_target(after) is None):
+            return None
+        return after
 
     def _num_step(self, state: State, byte: int) -> State | None:
-        _, fld, digits, values, done = state
+        _, fld, digits, values, done, used = state
         lo, hi = self._bounds(fld, values)
         if byte in _DIGITS:
             longer = digits + bytes((byte,))
-            return ("num", fld, longer, values, done) if _number_prefix_ok(longer, lo, hi) else None
+            if not _number_prefix_ok(longer, lo, hi):
+                return None
+            return ("num", fld, longer, values, done, used)
         end = ord(BOX_CLOSE if fld == 3 else COORDINATE_SEPARATOR)
         if byte != end or not digits or not lo <= int(digits) <= hi:
             return None
         if fld < 3:
-            return ("num", fld + 1, b"", (*values, int(digits)), done)
-        return self.after_record if done < 0 else ("more", done + 1)
+            return ("num", fld + 1, b"", (*values, int(digits)), done, used)
+        return self._after_record(used) if done < 0 else ("more", done + 1, used)
 
     def advance(self, state: State, data: bytes) -> State | None:
         """The state after every byte of ``data`` (None when one is not allowed)."""
@@ -434,16 +515,16 @@ class AnswerGrammar:
         if kind == "union":
             return self._closing_byte(state[1])
         if kind == "mention":
-            _, positions, pending, nonempty = state
-            t = self.text
-            if nonempty and not pending and any(p in t.ends for p in positions):
+            pending = state[2]
+            p, end = self._mention_target(state)
+            if p == end:
                 return _BAR
-            p = min(positions, key=lambda q: t.to_end[q])
+            t = self.text
             return t.data[p] if pending or not t.escaped[p] else _ESC
         if kind == "open":
             return ord("0")
         if kind == "num":
-            _, fld, digits, values, _done = state
+            _, fld, digits, values, _done, _used = state
             lo, hi = self._bounds(fld, values)
             if digits and lo <= int(digits) <= hi:
                 return ord(BOX_CLOSE if fld == 3 else COORDINATE_SEPARATOR)
@@ -457,10 +538,8 @@ class AnswerGrammar:
         tags = self.tags
         none_answer = len(NO_ENTITY) + len(tags.answer_close)
         think = len(tags.think_open) + len(tags.think_close) + len(tags.answer_open) + none_answer
-        finite = [d for d in self.text.to_end if d != float("inf")]
-        word = int(max(finite, default=0))
         record_tail = 1 + max(len(x) for x in labels) + 1 + none_answer
-        mention = len(RECORD_SEPARATOR) + word + record_tail
+        mention = len(RECORD_SEPARATOR) + self.reach + record_tail
         box = 4 * (len(str(max(self.width, self.height))) + 1)
         region = 2 * box + 3 + len(tags.answer_close)
         answer = len(tags.answer_open) + max(none_answer, mention, region)

@@ -10,6 +10,7 @@ independently of the automaton.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -140,6 +141,20 @@ def test_box_limits_and_lists():
     assert _prefix_ok(g, "<answer>Ann|PER|[3,5,4")
 
 
+def test_a_mention_is_written_at_most_as_often_as_the_text_holds_it():
+    g = AnswerGrammar("Obama met Obama and Ann", LABELS, 50, 50, think="off")
+    assert _accepts(g, "<answer>Obama|PER|None; Obama|PER|[0,0,5,5]</answer>")
+    assert not _prefix_ok(g, "<answer>Obama|PER|None; Obama|PER|None; Obama|")
+    assert _accepts(g, "<answer>Ann|PER|None; Obama met Obama|OTHER|None; Obama|PER|None</answer>")
+    # once every mention is used up, the answer can only end
+    one = AnswerGrammar("Ann", LABELS, 50, 50, think="off")
+    assert one.forced(one.advance(one.initial, b"<answer>Ann|PER|None")) == b"</answer>"
+    # a used-up word may still start a longer mention, but not end one
+    two = AnswerGrammar("Ann Lee", LABELS, 50, 50, think="off")
+    state = two.advance(two.initial, b"<answer>Ann|PER|None; Ann")
+    assert two.allowed_bytes(state) == b" "
+
+
 def test_text_without_words_allows_only_none():
     g = AnswerGrammar("  ", LABELS, 50, 50, think="off")
     assert _accepts(g, "<answer>None</answer>")
@@ -173,7 +188,7 @@ def test_forced_text():
     state = g.advance(g.initial, b"<answer>Obama|PER|None")
     assert g.forced(state) == b""  # "; " or "</answer>"
     state = g.advance(g.initial, b"<answer>Obama|PER|None;")
-    assert g.forced(state) == b" "
+    assert g.forced(state) == b" Barack"  # Obama is used up: Barack or Barack Obama
     state = g.advance(g.initial, b"<answer>Obama|PER|[[1,2,3,4]")
     assert g.forced(state) == b",["
 
@@ -292,8 +307,9 @@ def _random_text(rng: np.random.Generator) -> str:
     return "".join(w + g for w, g in zip(words, glue, strict=True)).strip() or "x"
 
 
-def _whole_word_spans(text: str) -> set[str]:
-    """Every mention the rules allow, found here without the automaton."""
+def _whole_word_spans(text: str) -> Counter:
+    """Every mention the rules allow, with how many spans of the text it is, found here
+    without the automaton."""
     barrier = [
         ch in "\r\n" or (ch == "<" and re.match(r"</?(think|answer)>", text[i:].lower()))
         for i, ch in enumerate(text)
@@ -311,7 +327,7 @@ def _whole_word_spans(text: str) -> set[str]:
     ends = [
         i + 1 for i in range(len(text)) if not space(i) and (space(i + 1) or word(i) > word(i + 1))
     ]
-    return {text[s:e] for s in starts for e in ends if e > s and not any(barrier[s:e])}
+    return Counter(text[s:e] for s in starts for e in ends if e > s and not any(barrier[s:e]))
 
 
 def _check_output(text, labels, size, think, data, budget_tokens, limit):
@@ -329,8 +345,10 @@ def _check_output(text, labels, size, think, data, budget_tokens, limit):
     answer = raw[raw.index("<answer>", raw.index("</think>") if "</think>" in raw else 0) :]
     assert answer == f"<answer>{format_records(parsed.records)}</answer>", raw
     allowed = _whole_word_spans(text)
+    written = Counter(record.mention for record in parsed.records)
     for record in parsed.records:
         assert record.mention in allowed, (record.mention, text)
+        assert written[record.mention] <= allowed[record.mention], (raw, text)
         assert record.type in labels
         if record.boxes is not None:
             assert 1 <= len(record.boxes) <= MAX_BOXES_PER_RECORD
