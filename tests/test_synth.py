@@ -14,6 +14,7 @@ from gmner.train.synth import (
     SynthConfig,
     cell_words,
     plan_tweet,
+    render,
     think_text,
     write_synth,
 )
@@ -175,6 +176,7 @@ def test_refuses_a_non_empty_out_dir(tmp_path):
         ({"not_drawn": 1.5}, "not_drawn"),
         ({"grid": 2}, "grid"),
         ({"grid": -1}, "grid"),
+        ({"glyph_alpha": 0.3}, "glyph_alpha"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, flag):
@@ -234,3 +236,17 @@ def test_cell_words():
     assert cell_words((210, 110, 290, 190), size, 3) == "middle right"
     assert cell_words((110, 210, 190, 299), size, 3) == "bottom centre"
     assert cell_words((0, 0, 60, 60), size, 5) == "row 1 column 1"
+
+
+def test_translucent_glyphs_let_the_position_wash_through():
+    cfg = SynthConfig(seed=2, min_side=200, max_side=200, grid=3, glyph_alpha=0.7)
+    tweets = (plan_tweet(np.random.default_rng([2, i]), cfg, str(i)) for i in range(100))
+    tweet = next(t for t in tweets if t.glyphs)
+    image, boxes = render(tweet, np.random.default_rng(0), cfg)
+    pixels = np.asarray(image).astype(int)
+    for name, (x1, y1, x2, y2) in boxes:
+        centre = pixels[(y1 + y2) // 2, (x1 + x2) // 2]
+        solid = np.array(NAMES[name][1].rgb)
+        # 30 % of a pastel background (170..255) shows through: not the solid colour
+        assert np.abs(centre - solid).max() > 12
+        assert np.abs(centre - solid).max() < 0.3 * 255 + 12

@@ -175,6 +175,8 @@ class SynthConfig:
             draws each in its own random cell of an N x N grid (side 0.75 to 0.9 of the cell,
             centre moved by up to 5 % of it), and the reasoning names the cell ("top left"):
             a small model learns nine places far sooner than free coordinates.
+        glyph_alpha: a glyph's opacity over the background; below 1 the position wash shows
+            through every glyph pixel, not just around the glyph.
     """
 
     seed: int = 0
@@ -195,6 +197,7 @@ class SynthConfig:
     position_wash: bool = True
     distinct_colours: bool = True
     grid: int = 0
+    glyph_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -219,6 +222,8 @@ class SynthConfig:
         _check_probs("distractor_probs", self.distractor_probs)
         if len(self.mention_probs) > len(TEMPLATES):
             raise InputError(f"mention_probs: at most {len(TEMPLATES) - 1} mentions per tweet")
+        if not 0.5 <= self.glyph_alpha <= 1.0:
+            raise InputError(f"glyph_alpha: need 0.5 <= alpha <= 1, got {self.glyph_alpha}")
         for flag in ("not_drawn", "twice", "retweet", "hashtag", "speckle"):
             _check_unit(flag, getattr(self, flag))
         most = len(self.mention_probs) - 1 + len(self.distractor_probs) - 1
@@ -464,7 +469,8 @@ def render(
         glyph = NAMES[name][1]
         mask = _shape_mask(glyph.shape, side)
         colour = np.clip(np.array(glyph.rgb) + rng.integers(-10, 11, size=3), 0, 255)
-        arr[y : y + side, x : x + side][mask] = colour
+        patch = arr[y : y + side, x : x + side]
+        patch[mask] = cfg.glyph_alpha * colour + (1 - cfg.glyph_alpha) * patch[mask]
         ys, xs = np.nonzero(mask)
         box = (x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1)
         boxes.append((name, box))
