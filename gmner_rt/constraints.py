@@ -256,6 +256,9 @@ class RequestConstraint:
         self._masks: dict[State, TokenMask] = {}
         self._closings: dict[State, bytes] = {}
         self._longest: dict[State, int] = {}
+        #: (state, remaining, reasoning tokens) of the last call of forced() that forced
+        #: nothing: the engine asks again at the start of the next step
+        self._unforced: tuple | None = None
 
     @property
     def done(self) -> bool:
@@ -337,8 +340,15 @@ class RequestConstraint:
         """Tokens that must come next, already taken: the shortest completion when the budget
         (``remaining`` tokens) is down to it, the way out of the reasoning when its budget is
         spent, else the text the grammar forces (with jump-forward), else none."""
-        if self.done:
+        key = (self.state, remaining, self.think_tokens)
+        if self.done or key == self._unforced:
             return []
+        ids = self._forced(remaining)
+        if not ids:
+            self._unforced = key
+        return ids
+
+    def _forced(self, remaining: int) -> list[int]:
         if remaining <= self.grammar.max_closing + 1:  # no closing is longer than that
             closing = self._closing(self.state)
             if len(closing) >= remaining or self._nothing_fits(remaining):

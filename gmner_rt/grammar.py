@@ -283,7 +283,7 @@ class AnswerGrammar:
             "off": _lits(answer),
             "auto": _lits(answer, reasoning),
         }[think]
-        self.max_closing = self._closing_bound(labels)
+        self.max_closing = self._closing_bound()
 
     # -- states ----------------------------------------------------------------------------
 
@@ -533,12 +533,12 @@ class AnswerGrammar:
             return ord(BOX_CLOSE if state[1] >= 2 else COORDINATE_SEPARATOR)
         raise AssertionError(f"no closing from {kind}")
 
-    def _closing_bound(self, labels: Sequence[str]) -> int:
+    def _closing_bound(self) -> int:
         """An upper bound of ``len(closing(s))`` over every state of this grammar."""
         tags = self.tags
         none_answer = len(NO_ENTITY) + len(tags.answer_close)
         think = len(tags.think_open) + len(tags.think_close) + len(tags.answer_open) + none_answer
-        record_tail = 1 + max(len(x) for x in labels) + 1 + none_answer
+        record_tail = 1 + max(len(x) for x in self.labels) + 1 + none_answer
         mention = len(RECORD_SEPARATOR) + self.reach + record_tail
         box = 4 * (len(str(max(self.width, self.height))) + 1)
         region = 2 * box + 3 + len(tags.answer_close)
