@@ -14,6 +14,10 @@ with an I/O contract an ONNX or TensorRT graph can hold (see ``docs/bundle.md``)
 
 Attention is written out (scores, fp32 softmax, weighted sum) rather than through SDPA, so the
 exported graph is the same for prefill and decode and keeps softmax in fp32 in an fp16 graph.
+The decoder's graph is kept lean, since a decode step is a few MB of activations around GBs of
+weights and every extra node costs a kernel launch: head reshapes are single ``Reshape`` nodes
+with constant shapes (:func:`reshape_tail`), grouped-query attention is a broadcast matmul
+instead of repeated keys, and the rotary half-split is a constant.
 RMSNorms are HF's modules, which already compute in fp32. This module knows nothing about
 ONNX files, bundles or tokenization.
 """
@@ -54,6 +58,30 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + mask
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
+
+
+class _Reshape(torch.autograd.Function):
+    """``x.reshape(*x.shape[:keep], *tail)``, exported as one ONNX ``Reshape`` whose shape is a
+    constant (``0`` copies a leading dim) instead of a Shape/Gather/Concat chain per call."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: int, tail: tuple[int, ...]) -> torch.Tensor:
+        return x.reshape(*x.shape[:keep], *tail)
+
+    @staticmethod
+    def symbolic(g, x, keep: int, tail: tuple[int, ...]):
+        shape = torch.tensor([0] * keep + list(tail), dtype=torch.int64)
+        return g.op("Reshape", x, g.op("Constant", value_t=shape))
+
+
+def reshape_tail(x: torch.Tensor, keep: int, *tail: int) -> torch.Tensor:
+    """Keep the first ``keep`` dims of ``x`` and reshape the rest to ``tail``, which holds
+    exactly one -1 (the TorchScript exporter's shape inference needs it beside the 0s)."""
+    if tail.count(-1) != 1:
+        raise ValueError(f"tail: expected exactly one -1, got {tail}")
+    if torch.jit.is_tracing():
+        return _Reshape.apply(x, keep, tuple(tail))
+    return x.reshape(*x.shape[:keep], *tail)
 
 
 class VisionGraph(nn.Module):
@@ -166,7 +194,7 @@ class DecoderGraph(nn.Module):
         )
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        batch, length = inputs_embeds.shape[:2]
+        length = inputs_embeds.shape[1]
         cos, sin = self._rotary(position_ids, inputs_embeds.dtype)  # [B, 1, T, d]
         mask = self._mask(attention_mask, length)  # [B, 1, T, P+T]
         hidden = inputs_embeds
@@ -202,23 +230,23 @@ class DecoderGraph(nn.Module):
         return torch.where(allowed, zero, MASKED)[:, None]
 
     def _attention(self, attn: nn.Module, x, cos, sin, mask, past_kv):
-        batch, length = x.shape[:2]
-        q = attn.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        """Grouped-query attention without repeating keys: queries ``[B, kv, groups, T, d]``
+        against keys ``[B, kv, 1, S, d]`` (a broadcast matmul); the same heads as HF's
+        ``repeat_kv`` (query head ``h`` reads kv head ``h // groups``)."""
+        kv, dim = self.num_kv_heads, self.head_dim
+        q = reshape_tail(attn.q_proj(x), 2, kv, -1, dim).permute(0, 2, 3, 1, 4)
+        k = reshape_tail(attn.k_proj(x), 2, -1, dim).transpose(1, 2)  # [B, kv, T, d]
+        v = reshape_tail(attn.v_proj(x), 2, -1, dim).transpose(1, 2)
+        q = self._rotate(q, cos[:, None], sin[:, None])
+        k = self._rotate(k, cos, sin)
         key = torch.cat((past_kv[0], k), dim=2)
         value = torch.cat((past_kv[1], v), dim=2)
-        out = _attend(q, self._repeat_kv(key), self._repeat_kv(value), mask, attn.scaling)
-        out = out.transpose(1, 2).reshape(batch, length, -1)
+        out = _attend(q, key[:, :, None], value[:, :, None], mask[:, None], attn.scaling)
+        out = reshape_tail(out.permute(0, 3, 1, 2, 4), 2, -1)  # [B, T, heads * d]
         return attn.o_proj(out), key, value
 
-    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, kv, S, d]`` -> ``[B, heads, S, d]`` (grouped-query attention), as HF does."""
-        groups = self.num_heads // self.num_kv_heads
-        if groups == 1:
-            return x
-        batch, kv_heads, length, dim = x.shape
-        x = x[:, :, None].expand(batch, kv_heads, groups, length, dim)
-        return x.reshape(batch, kv_heads * groups, length, dim)
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding; the half split is a constant of the graph, not a shape lookup."""
+        half = self.head_dim // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
