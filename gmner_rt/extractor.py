@@ -222,6 +222,15 @@ class Extractor:
             grids=tuple(r.grid for r in requests),
         )
 
+    def prompt_batch(
+        self, pairs: Sequence[tuple[ImageInput, str]], *, think: bool = True
+    ) -> PromptBatch:
+        """The left-padded prompt batch ``extract_batch`` would decode for ``pairs`` (for
+        benchmarks and tools that drive :mod:`gmner_rt.generate` themselves)."""
+        if not pairs:
+            raise InputError("pairs: expected at least one (image, text) pair")
+        return self._batch([self._prepare(image, text, think) for image, text in pairs])
+
     def _stop(self, _row: int, tokens: Sequence[int]) -> bool:
         stops = self.bundle.manifest.generation.stop_strings
         tail = self.tokenizer.decode(list(tokens[-_STOP_WINDOW:]), skip_special_tokens=False)

@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "gmner.runtime.extract",
         "extract grounded entities from an image and a text with a bundle",
     ),
+    "bench": (
+        "gmner.runtime.bench",
+        "gmner_rt against HF transformers and onnxruntime-genai: latency, tokens/s, memory",
+    ),
 }
 
 

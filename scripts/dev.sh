@@ -22,7 +22,7 @@ setup() {
     "$VENV/bin/python" -m pip install -q --upgrade pip
     # The CPU build of torch first, pinned; constraints.txt keeps every later step on it.
     "$VENV/bin/python" -m pip install -q torch==2.13.0
-    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[train,export,dev]"
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[train,export,bench,dev]"
     echo "$want" > "$stamp"
 }
 

@@ -1,0 +1,574 @@
+"""``gmner bench``: gmner_rt side by side with the tools users would pick instead.
+
+    gmner bench --preset bench-small --json out/bench/bench-small.json --plot docs/images/x.png
+    gmner bench --bundle B --model M --systems gmner_rt,hf
+
+For one bundle and its source checkpoint (or a ``--preset``, which builds, caches and exports
+that random-weight model itself), every system runs in a child process of its own
+(:mod:`gmner.runtime.bench_systems`) on the same fixed image/text pairs, threads and greedy
+tokens, one after another so none competes for the cores. This module then checks that every
+system generated the same ids as gmner_rt (the bench fails when they differ: the systems did
+different work), measures the machine's memory bandwidth with a large fp32 matrix-vector
+product on all cores, and reports, per system: time to first token (preprocess + vision +
+prefill), decode tokens/s at batch 1 and at ``--batch``, end-to-end ``extract`` latency
+(median, p90), peak resident memory, and each as a ratio to gmner_rt measured in the same run
+(``> 1``: gmner_rt is better), plus the decode roofline: bytes of weights (and KV cache) read
+per token over the bandwidth. It writes a table to stdout, ``--json`` and a per-token latency
+plot (``--plot``, needs matplotlib). It knows nothing about how a system decodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gmner_rt.errors import GmnerError, InputError
+
+from .bench_systems import SYSTEMS, WorkerSpec  # noqa: F401 (WorkerSpec: re-exported)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BenchConfig", "BenchError", "measure_bandwidth", "prepare_preset", "run_bench"]
+
+PRESETS = ("tiny", "bench-small")
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gmner" / "bench"
+#: Which figures a ratio compares, and whether more is better.
+RATIO_FIGURES = {
+    "ttft_ms": False,
+    "decode_tokens_per_s": True,
+    "ttft_ms_batch": False,
+    "decode_tokens_per_s_batch": True,
+    "e2e_ms_median": False,
+    "e2e_ms_p90": False,
+    "peak_rss_mb": False,
+}
+#: Files whose content decides whether a cached preset export is still current.
+_PRESET_SOURCES = ("train/tiny_model.py", "export/graphs.py", "export/onnx_export.py")
+
+
+class BenchError(GmnerError):
+    """A bench that cannot be run, or whose systems did different work."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``gmner bench`` measures.
+
+    Attributes:
+        bundle: the exported bundle (None with ``preset``).
+        model: its source checkpoint (hf and ortgenai need it; None with ``preset``).
+        preset: build, cache and export this random-weight model (``tiny`` or ``bench-small``).
+        systems: the systems to run; ``gmner_rt`` is always first (the reference).
+        threads: intra-op threads for every system.
+        new_tokens: greedy tokens per request (eos suppressed: exactly this many).
+        repeats: measured repeats after ``warmup`` unmeasured runs.
+        warmup: unmeasured runs first.
+        pairs: bench pairs the batch-1 figures run over.
+        batch: batch size of the batched figures (0 or 1: none).
+        cache: where presets and built peer models are cached.
+        bandwidth_mb: size of the matrix of the bandwidth measurement (0: skip it).
+        timeout_s: the limit per system.
+    """
+
+    bundle: Path | None = None
+    model: Path | None = None
+    preset: str | None = None
+    systems: tuple[str, ...] = ("gmner_rt", "hf", "ortgenai", "ortgenai_text")
+    threads: int = os.cpu_count() or 1
+    new_tokens: int = 64
+    repeats: int = 3
+    warmup: int = 1
+    pairs: int = 2
+    batch: int = 4
+    cache: Path = DEFAULT_CACHE
+    bandwidth_mb: int = 1024
+    timeout_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise InputError(f"--preset: expected one of {PRESETS}, got {self.preset!r}")
+        if (self.preset is None) == (self.bundle is None):
+            raise InputError("--bundle / --preset: give exactly one of them")
+        if self.preset is not None and self.model is not None:
+            raise InputError("--model: not with --preset (the preset builds its own checkpoint)")
+        unknown = [s for s in self.systems if s not in SYSTEMS]
+        if unknown or not self.systems or self.systems[0] != "gmner_rt":
+            raise InputError(
+                f"--systems: expected gmner_rt first, then any of {SYSTEMS[1:]}, "
+                f"got {','.join(self.systems)}"
+            )
+        for flag, value, low in (
+            ("--threads", self.threads, 1),
+            ("--new-tokens", self.new_tokens, 2),
+            ("--repeats", self.repeats, 1),
+            ("--warmup", self.warmup, 0),
+            ("--pairs", self.pairs, 1),
+            ("--batch", self.batch, 0),
+            ("--bandwidth-mb", self.bandwidth_mb, 0),
+        ):
+            if value < low:
+                raise InputError(f"{flag}: must be >= {low}, got {value}")
+        needs_model = [s for s in self.systems if s != "gmner_rt"]
+        if needs_model and self.preset is None and self.model is None:
+            raise InputError(f"--model: the systems {needs_model} need the source checkpoint")
+
+
+# --- the model under test ----------------------------------------------------------------------
+
+
+def _sources_digest() -> str:
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for name in _PRESET_SOURCES:
+        path = root / name
+        digest.update(path.read_bytes() if path.is_file() else name.encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare_preset(name: str, cache: Path) -> tuple[Path, Path]:
+    """``(checkpoint, bundle)`` of preset ``name``, built and exported once per source digest."""
+    from ..export.build import BundleOptions, export_bundle
+    from ..train.tiny_model import build_tiny_model
+
+    home = cache / f"{name}-{_sources_digest()}"
+    model, bundle = home / "model", home / "bundle"
+    if (bundle / "manifest.json").is_file():
+        log.info("preset %s: cached at %s", name, home)
+        return model, bundle
+    started = time.perf_counter()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (model / "config.json").is_file():
+        build_tiny_model(model, preset=name, seed=0)
+    export_bundle(BundleOptions(model=model, adapter=None, out=bundle, name=f"{name}-bench"))
+    log.info("preset %s: built and exported in %.1f s", name, time.perf_counter() - started)
+    return model, bundle
+
+
+# --- the machine -------------------------------------------------------------------------------
+
+
+def measure_bandwidth(megabytes: int = 1024, runs: int = 12) -> float:
+    """Memory bandwidth in GB/s: an fp32 ``x @ W`` over a ``megabytes`` matrix, on every core
+    (numpy's BLAS), median of ``runs`` after one warm-up. A plain sum is compute-bound here; a
+    matrix-vector product reads each weight once, as a decode step does."""
+    rows = 4096
+    cols = max(1, megabytes * 2**20 // (4 * rows))
+    weights = np.full((rows, cols), 0.5, dtype=np.float32)  # every page written: resident
+    x = np.full((1, rows), 0.25, dtype=np.float32)
+    _ = x @ weights
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        _ = x @ weights
+        times.append(time.perf_counter() - started)
+    return weights.nbytes / float(np.median(times)) / 1e9
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine_facts(threads: int) -> dict:
+    """The machine and the versions the figures were taken with."""
+    import importlib.metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "memory_gb": _memory_gb(),
+        "threads": threads,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {
+            name: version(name)
+            for name in (
+                "gmner",
+                "onnxruntime",
+                "onnxruntime-genai",
+                "torch",
+                "transformers",
+                "numpy",
+            )
+        },
+    }
+
+
+# --- the roofline ------------------------------------------------------------------------------
+
+
+def decoder_weight_bytes(bundle_dir: Path) -> int:
+    """Bytes of the decoder graph's weights (file plus external data): what one decode step
+    reads from memory once (the embedding table is read one row per token, so it is left out)."""
+    from gmner_rt.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir, verify_hashes=False)
+    spec = bundle.manifest.graphs["decoder"]
+    files = [bundle.file(spec.file)]
+    if spec.data_file:
+        files.append(bundle.file(spec.data_file))
+    return sum(path.stat().st_size for path in files)
+
+
+def kv_bytes_per_token(bundle_dir: Path, context: int) -> int:
+    """Bytes of KV cache one decode step reads at ``context`` cached positions."""
+    from gmner_rt.bundle import load_bundle
+
+    kv = load_bundle(bundle_dir, verify_hashes=False).manifest.kv_cache
+    itemsize = np.dtype(kv.dtype).itemsize
+    return 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * context * itemsize
+
+
+def roofline(bandwidth_gb_s: float, weights: int, kv: int, decode_tokens_per_s: float) -> dict:
+    per_token = weights + kv
+    ceiling = bandwidth_gb_s * 1e9 / per_token
+    return {
+        "bandwidth_gb_s": bandwidth_gb_s,
+        "bytes_per_token": per_token,
+        "weight_bytes": weights,
+        "kv_bytes_at_mean_context": kv,
+        "decode_tokens_per_s": ceiling,
+        "gmner_rt_fraction": decode_tokens_per_s / ceiling,
+    }
+
+
+# --- running the systems -----------------------------------------------------------------------
+
+
+def _run_system(spec: WorkerSpec, timeout_s: float) -> dict:
+    """One worker process; its figures, or a BenchError with the tail of what it said."""
+    with tempfile.TemporaryDirectory(prefix="gmner-bench-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(asdict(spec)))
+        command = [
+            sys.executable,
+            "-m",
+            "gmner.runtime.bench_systems",
+            str(spec_path),
+            str(out_path),
+        ]
+        log.info("running %s", spec.system)
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"{spec.system}: did not finish within {timeout_s:.0f} s") from exc
+        if proc.returncode != 0 or not out_path.is_file():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            raise BenchError(f"{spec.system}: the worker failed (exit {proc.returncode}):\n{tail}")
+        log.info("%s: done in %.1f s", spec.system, time.perf_counter() - started)
+        return json.loads(out_path.read_text())
+
+
+def _first_difference(a: list[list[int]], b: list[list[int]]) -> str | None:
+    if len(a) != len(b):
+        return f"{len(a)} rows against {len(b)}"
+    for row, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x != y:
+            at = next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), None)
+            at = min(len(x), len(y)) if at is None else at
+            return f"row {row} differs at token {at} (of {len(x)} and {len(y)})"
+    return None
+
+
+def compare_tokens(results: dict[str, dict]) -> dict[str, dict[str, str | None]]:
+    """Per system, per run kind, where its ids first differ from gmner_rt's (None: equal)."""
+    reference = results["gmner_rt"]
+    report: dict[str, dict[str, str | None]] = {}
+    for system, figures in results.items():
+        if system == "gmner_rt":
+            continue
+        if system == "ortgenai_text":
+            ours = (reference.get("text_only") or {}).get("tokens", [])
+            report[system] = {"text_only": _first_difference(ours, figures["text_only"]["tokens"])}
+            continue
+        report[system] = {
+            kind: _first_difference(reference[kind], figures[kind])
+            for kind in ("tokens", "tokens_batch", "tokens_e2e")
+            if reference[kind] or figures[kind]
+        }
+    return report
+
+
+def _public(figures: dict) -> dict:
+    keys = ("load_s", *RATIO_FIGURES, "token_ms", "text_only", "notes")
+    out = {key: figures.get(key) for key in keys}
+    if out["text_only"]:
+        out["text_only"] = {k: v for k, v in out["text_only"].items() if k != "tokens"}
+    return out
+
+
+def ratios(systems: dict[str, dict]) -> dict[str, dict[str, float | None]]:
+    """How many times better gmner_rt is than each system, per figure (> 1: gmner_rt wins)."""
+    ours = systems["gmner_rt"]
+    out: dict[str, dict[str, float | None]] = {}
+    for name, theirs in systems.items():
+        if name == "gmner_rt":
+            continue
+        row: dict[str, float | None] = {}
+        figures = dict(RATIO_FIGURES)
+        if name == "ortgenai_text":
+            a, b = (ours.get("text_only") or {}), (theirs.get("text_only") or {})
+            pairs = {"decode_tokens_per_s": (a, b, True), "ttft_ms": (a, b, False)}
+        else:
+            pairs = {key: (ours, theirs, more) for key, more in figures.items()}
+        for key, (mine, other, more) in pairs.items():
+            x, y = mine.get(key), other.get(key)
+            row[key] = (x / y if more else y / x) if x and y else None
+        out[name] = row
+    return out
+
+
+def run_bench(config: BenchConfig) -> dict:
+    """Every system, the token check, the roofline: the report ``--json`` writes."""
+    if config.preset is not None:
+        model, bundle = prepare_preset(config.preset, config.cache)
+        name = config.preset
+    else:
+        model, bundle = config.model, config.bundle
+        name = str(bundle)
+    results: dict[str, dict] = {}
+    for system in config.systems:
+        spec = WorkerSpec(
+            system=system,
+            bundle=str(bundle),
+            model=str(model) if model is not None else None,
+            threads=config.threads,
+            new_tokens=config.new_tokens,
+            repeats=config.repeats,
+            warmup=config.warmup,
+            pairs=config.pairs,
+            batch=config.batch if config.batch > 1 else 0,
+            cache=str(config.cache / "peers"),
+            text_only=system == "gmner_rt" and "ortgenai_text" in config.systems,
+        )
+        results[system] = _run_system(spec, config.timeout_s)
+    systems = {name_: _public(figures) for name_, figures in results.items()}
+    report = {
+        "machine": machine_facts(config.threads),
+        "model": name,
+        "settings": {
+            "new_tokens": config.new_tokens,
+            "repeats": config.repeats,
+            "warmup": config.warmup,
+            "pairs": config.pairs,
+            "batch": config.batch,
+            "threads": config.threads,
+        },
+        "systems": systems,
+        "ratios_vs_gmner_rt": ratios(systems),
+        "token_check": compare_tokens(results),
+    }
+    if config.bandwidth_mb:
+        bandwidth = measure_bandwidth(config.bandwidth_mb)
+        context = _mean_context(bundle, config.new_tokens)
+        report["roofline"] = roofline(
+            bandwidth,
+            decoder_weight_bytes(bundle),
+            kv_bytes_per_token(bundle, context),
+            systems["gmner_rt"]["decode_tokens_per_s"],
+        )
+    return report
+
+
+def _mean_context(bundle: Path, new_tokens: int) -> int:
+    """Mean cached positions over a decode of the bench prompts."""
+    from gmner_rt.bundle import load_bundle
+    from gmner_rt.extractor import Extractor
+
+    from .bench_systems import bench_pairs
+
+    extractor = Extractor(load_bundle(bundle, verify_hashes=False), None)
+    prompt = extractor.prompt_batch(bench_pairs(1)).input_ids.shape[1]
+    return prompt + new_tokens // 2
+
+
+def failed_checks(report: dict) -> list[str]:
+    """``system/kind: where`` for every token check that found a difference."""
+    return [
+        f"{system}/{kind}: {where}"
+        for system, kinds in report["token_check"].items()
+        for kind, where in kinds.items()
+        if where is not None
+    ]
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def _cell(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(report: dict) -> str:
+    """A Markdown table of every system's figures and its ratio to gmner_rt."""
+    b = report["settings"]["batch"]
+    header = (
+        f"| system | TTFT ms | decode tok/s | TTFT ms (b{b}) | decode tok/s (b{b}) "
+        "| e2e ms median | e2e ms p90 | peak RSS MB |"
+    )
+    lines = [header, "|" + "---|" * 8]
+    for name, f in report["systems"].items():
+        if name == "ortgenai_text":
+            continue
+        r = report["ratios_vs_gmner_rt"].get(name, {})
+
+        def both(key: str, digits: int = 1, f=f, r=r) -> str:
+            ratio = r.get(key)
+            return _cell(f.get(key), digits) + (f" ({ratio:.2f}x)" if ratio else "")
+
+        lines.append(
+            f"| {name} | {both('ttft_ms', 0)} | {both('decode_tokens_per_s', 2)} "
+            f"| {both('ttft_ms_batch', 0)} | {both('decode_tokens_per_s_batch', 2)} "
+            f"| {both('e2e_ms_median', 0)} | {both('e2e_ms_p90', 0)} | {both('peak_rss_mb', 0)} |"
+        )
+    text_rows = [
+        (name, f["text_only"]) for name, f in report["systems"].items() if f.get("text_only")
+    ]
+    if text_rows:
+        lines += ["", "| text-only prompt | TTFT ms | decode tok/s |", "|---|---|---|"]
+        for name, t in text_rows:
+            label = "og.Generator" if name == "ortgenai_text" else name
+            lines.append(
+                f"| {label} | {_cell(t['ttft_ms'], 0)} | {_cell(t['decode_tokens_per_s'], 2)} |"
+            )
+    if "roofline" in report:
+        r = report["roofline"]
+        lines += [
+            "",
+            f"roofline: {r['bandwidth_gb_s']:.1f} GB/s / {r['bytes_per_token'] / 1e9:.3f} GB "
+            f"per token = {r['decode_tokens_per_s']:.2f} tok/s; gmner_rt at "
+            f"{100 * r['gmner_rt_fraction']:.1f} %",
+        ]
+    return "\n".join(lines)
+
+
+def plot_token_latency(report: dict, path: Path) -> None:
+    """Per-token decode latency (batch 1) of every system, one line each, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError as exc:
+        raise BenchError("--plot: needs matplotlib (pip install 'gmner[bench]')") from exc
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for name, f in report["systems"].items():
+        if f.get("token_ms"):
+            label = "og.Generator (text-only prompt)" if name == "ortgenai_text" else name
+            ax.plot(range(2, len(f["token_ms"]) + 2), f["token_ms"], label=label, linewidth=1.4)
+    if "roofline" in report:
+        floor = 1000.0 / report["roofline"]["decode_tokens_per_s"]
+        ax.axhline(floor, color="grey", linestyle="--", linewidth=1, label="bandwidth roofline")
+    machine = report["machine"]
+    ax.set_title(
+        f"{report['model']}: decode latency per token, batch 1 "
+        f"({machine['threads']} threads, {machine['cpu']})",
+        fontsize=9,
+    )
+    ax.set_xlabel("generated token")
+    ax.set_ylabel("ms")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model (one of)")
+    model.add_argument("--preset", choices=PRESETS, help="build, cache and export this model")
+    model.add_argument("--bundle", type=Path, help="an exported bundle")
+    model.add_argument("--model", type=Path, help="the bundle's source checkpoint (hf, ortgenai)")
+    d = BenchConfig.__dataclass_fields__
+    parser.add_argument(
+        "--systems",
+        default=",".join(d["systems"].default),
+        help="comma-separated, gmner_rt first (default: %(default)s)",
+    )
+    for flag, key, help_text in (
+        ("--threads", "threads", "intra-op threads for every system (default: all cores)"),
+        ("--new-tokens", "new_tokens", "greedy tokens per request (default: %(default)s)"),
+        ("--repeats", "repeats", "measured repeats (default: %(default)s)"),
+        ("--warmup", "warmup", "unmeasured runs first (default: %(default)s)"),
+        ("--pairs", "pairs", "image/text pairs for batch-1 figures (default: %(default)s)"),
+        ("--batch", "batch", "batch size of the batched figures, 0: none (default: %(default)s)"),
+        ("--bandwidth-mb", "bandwidth_mb", "bandwidth matrix size, 0: skip (default: %(default)s)"),
+    ):
+        parser.add_argument(flag, type=int, default=d[key].default, help=help_text)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="presets and peer models")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--plot", type=Path, help="write the per-token latency plot here (PNG)")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        bundle=args.bundle,
+        model=args.model,
+        preset=args.preset,
+        systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()),
+        threads=args.threads,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        pairs=args.pairs,
+        batch=args.batch,
+        cache=args.cache,
+        bandwidth_mb=args.bandwidth_mb,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    report = run_bench(config)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    sys.stdout.write(format_table(report) + "\n")
+    if args.plot is not None:
+        plot_token_latency(report, args.plot)
+    failures = failed_checks(report)
+    if failures:
+        raise BenchError(
+            "the systems generated different tokens, so they did different work: "
+            + "; ".join(failures)
+        )
+    return 0

@@ -1,0 +1,497 @@
+"""One benchmarked system, measured in a process of its own (``gmner bench``'s worker).
+
+``gmner bench`` starts ``python -m gmner.runtime.bench_systems SPEC OUT`` once per system, so
+each system's peak resident memory is its own and no system warms another's caches. SPEC is a
+JSON :class:`WorkerSpec`; OUT receives the figures as JSON. Every system does the same work:
+the same prompts (checked: the HF processor's ids must equal the bundle's), greedy decoding of
+exactly ``new_tokens`` tokens with the end-of-sequence ids suppressed, on the same number of
+threads; the generated ids go back to the parent, which fails the bench if they differ.
+
+Systems:
+
+* ``gmner_rt``: :func:`gmner_rt.load` on onnxruntime, decoded by :mod:`gmner_rt.generate`;
+* ``hf``: transformers ``generate`` on the source checkpoint (torch, same dtype);
+* ``ortgenai``: onnxruntime-genai's model-builder decoder driven by our loop, with our vision
+  and embedding graphs (:mod:`gmner.runtime.ortgenai`);
+* ``ortgenai_text``: ``og.Generator`` on a text-only prompt (it cannot take our images); the
+  ``gmner_rt`` worker decodes the same text-only prompt when asked (``text_only``), so the
+  two are compared like the others.
+
+This module knows nothing about tables, ratios or plots (``bench.py``'s).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SYSTEMS", "Run", "WorkerSpec", "bench_pairs", "run_worker"]
+
+SYSTEMS = ("gmner_rt", "hf", "ortgenai", "ortgenai_text")
+
+#: Bench images: (width, height); all one size so a batch of them has no padding in the image
+#: part, texts of different lengths so the batch is left padded like real traffic.
+IMAGE_SIZE = (448, 336)
+TEXTS = (
+    "Lionel Messi arrives in Miami ahead of the Inter Miami match on Saturday",
+    "Great night at Madison Square Garden with the New York Knicks",
+    "Apple CEO Tim Cook visits the new store in London",
+    "Heavy rain expected in Paris as Roland Garros starts",
+)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What one worker measures.
+
+    Attributes:
+        system: one of :data:`SYSTEMS`.
+        bundle: the exported bundle directory.
+        model: the source checkpoint directory (hf and ortgenai need it).
+        threads: intra-op threads for every runtime in the worker.
+        new_tokens: greedy tokens per request (eos suppressed: exactly this many).
+        repeats: measured repeats of each figure, after ``warmup`` unmeasured ones.
+        warmup: unmeasured runs first.
+        pairs: how many bench pairs (``bench_pairs``) batch-1 figures run over.
+        batch: the batch size of the batched figures (0: none).
+        cache: folder for built artifacts (onnxruntime-genai's decoders).
+        text_only: also decode the text-only prompt (gmner_rt, beside ``ortgenai_text``).
+    """
+
+    system: str
+    bundle: str
+    model: str | None
+    threads: int
+    new_tokens: int
+    repeats: int
+    warmup: int
+    pairs: int
+    batch: int
+    cache: str
+    text_only: bool = False
+
+
+@dataclass
+class Run:
+    """One generation: time to first token (s), each later token's latency (s), the ids."""
+
+    ttft: float
+    token_times: list[float]
+    tokens: list[list[int]]
+
+    @property
+    def decode_time(self) -> float:
+        return float(sum(self.token_times))
+
+
+@dataclass
+class Figures:
+    """What a worker reports (times in ms)."""
+
+    system: str
+    load_s: float = 0.0
+    ttft_ms: float | None = None
+    decode_tokens_per_s: float | None = None
+    token_ms: list[float] = field(default_factory=list)
+    ttft_ms_batch: float | None = None
+    decode_tokens_per_s_batch: float | None = None
+    e2e_ms_median: float | None = None
+    e2e_ms_p90: float | None = None
+    peak_rss_mb: float = 0.0
+    tokens: list[list[int]] = field(default_factory=list)
+    tokens_batch: list[list[int]] = field(default_factory=list)
+    tokens_e2e: list[list[int]] = field(default_factory=list)
+    text_only: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def bench_image(seed: int) -> Image.Image:
+    """A deterministic bench image: noise with a few filled shapes."""
+    rng = np.random.default_rng(1000 + seed)
+    width, height = IMAGE_SIZE
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
+        x1, y1 = x0 + int(rng.integers(20, width - x0)), y0 + int(rng.integers(20, height - y0))
+        draw.rectangle((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return image
+
+
+def bench_pairs(count: int) -> list[tuple[Image.Image, str]]:
+    """``count`` fixed (image, text) pairs; texts cycle through :data:`TEXTS`."""
+    return [(bench_image(i), TEXTS[i % len(TEXTS)]) for i in range(count)]
+
+
+def _median_ms(values: Sequence[float]) -> float:
+    return float(np.median(values) * 1000.0)
+
+
+def _p90_ms(values: Sequence[float]) -> float:
+    return float(np.percentile(values, 90) * 1000.0)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _suppress(logits: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
+    logits = np.array(logits, dtype=np.float32, copy=True)
+    logits[:, list(eos_ids)] = -np.inf
+    return logits
+
+
+# --- systems driven by gmner_rt's loop (gmner_rt, ortgenai) ----------------------------------
+
+
+def loop_run(extractor, pairs, new_tokens: int, *, prompt_batch=None) -> Run:
+    """Preprocess + vision + prefill, then ``new_tokens - 1`` single-token steps, timed."""
+    from gmner_rt.generate import prefill, step
+
+    eos = extractor.bundle.manifest.tokens.eos_ids
+    start = time.perf_counter()
+    batch = prompt_batch if prompt_batch is not None else extractor.prompt_batch(pairs)
+    logits, state = prefill(extractor.backend, batch, extractor.vision)
+    chosen = np.argmax(_suppress(logits, eos), axis=-1)
+    ttft = time.perf_counter() - start
+    tokens = [[int(t)] for t in chosen]
+    times = []
+    for _ in range(new_tokens - 1):
+        began = time.perf_counter()
+        logits = step(extractor.backend, state, chosen)
+        chosen = np.argmax(_suppress(logits, eos), axis=-1)
+        times.append(time.perf_counter() - began)
+        for row, token in enumerate(chosen):
+            tokens[row].append(int(token))
+    return Run(ttft, times, tokens)
+
+
+def loop_e2e(extractor, pair, new_tokens: int) -> tuple[float, list[int]]:
+    """One real ``extract`` call (unconstrained, eos suppressed), its latency and ids."""
+    eos = extractor.bundle.manifest.tokens.eos_ids
+    started = time.perf_counter()
+    result = extractor.extract(
+        pair[0],
+        pair[1],
+        think="on",
+        constrained=False,
+        max_new_tokens=new_tokens,
+        logits_hook=lambda logits, _state: _suppress(logits, eos),
+    )
+    return time.perf_counter() - started, list(result.token_ids)
+
+
+def text_prompt(extractor, text: str):
+    """A text-only prompt batch: the bundle's prompt with no image (for og.Generator)."""
+    from gmner_rt.generate import PromptBatch
+    from gmner_rt.prompt import render_prompt
+
+    p = extractor.bundle.manifest.prompt
+    prompt = render_prompt(
+        p.chat_template,
+        system=p.system,
+        image="",
+        instruction_template=p.instruction_think,
+        text=text,
+    )
+    ids = extractor.tokenizer.encode(prompt, add_special_tokens=False).ids
+    return PromptBatch(
+        input_ids=np.asarray([ids], dtype=np.int64),
+        attention_mask=np.ones((1, len(ids)), dtype=np.int64),
+        pixel_values=np.zeros((0, 1), dtype=np.float32),
+        grids=(),
+    )
+
+
+def measure_loop(extractor, spec: WorkerSpec, figures: Figures, *, text_only: bool) -> None:
+    """Every figure of a loop-driven system into ``figures``."""
+    pairs = bench_pairs(max(spec.pairs, spec.batch))
+    singles = pairs[: spec.pairs]
+    for _ in range(spec.warmup):
+        loop_run(extractor, singles[:1], spec.new_tokens)
+    runs = [
+        loop_run(extractor, [pair], spec.new_tokens)
+        for _ in range(spec.repeats)
+        for pair in singles
+    ]
+    _single_figures(figures, runs, len(singles))
+    if spec.batch > 1:
+        batch = pairs[: spec.batch]
+        loop_run(extractor, batch, min(spec.new_tokens, 4))
+        batched = [loop_run(extractor, batch, spec.new_tokens) for _ in range(spec.repeats)]
+        _batch_figures(figures, batched, spec.batch)
+    e2e, ids = [], []
+    for repeat in range(spec.repeats):
+        for pair in singles:
+            seconds, tokens = loop_e2e(extractor, pair, spec.new_tokens)
+            e2e.append(seconds)
+            if repeat == 0:
+                ids.append(tokens)
+    figures.e2e_ms_median, figures.e2e_ms_p90 = _median_ms(e2e), _p90_ms(e2e)
+    figures.tokens_e2e = ids
+    if text_only:
+        batch = text_prompt(extractor, singles[0][1])
+        loop_run(extractor, [], spec.new_tokens, prompt_batch=batch)
+        runs = [
+            loop_run(extractor, [], spec.new_tokens, prompt_batch=batch)
+            for _ in range(spec.repeats)
+        ]
+        figures.text_only = {
+            "prompt_tokens": int(batch.input_ids.shape[1]),
+            "ttft_ms": _median_ms([r.ttft for r in runs]),
+            "decode_tokens_per_s": _tokens_per_s(runs, 1),
+            "tokens": runs[0].tokens,
+        }
+
+
+def _tokens_per_s(runs: Sequence[Run], rows: int) -> float:
+    tokens = sum(len(r.token_times) for r in runs) * rows
+    seconds = sum(r.decode_time for r in runs)
+    return tokens / seconds if seconds > 0 else float("nan")
+
+
+def _single_figures(figures: Figures, runs: Sequence[Run], pairs: int) -> None:
+    figures.ttft_ms = _median_ms([r.ttft for r in runs])
+    figures.decode_tokens_per_s = _tokens_per_s(runs, 1)
+    width = min(len(r.token_times) for r in runs)
+    figures.token_ms = [
+        float(np.median([r.token_times[i] for r in runs]) * 1000.0) for i in range(width)
+    ]
+    figures.tokens = [r.tokens[0] for r in runs[:pairs]]
+
+
+def _batch_figures(figures: Figures, runs: Sequence[Run], rows: int) -> None:
+    figures.ttft_ms_batch = _median_ms([r.ttft for r in runs])
+    figures.decode_tokens_per_s_batch = _tokens_per_s(runs, rows)
+    figures.tokens_batch = runs[0].tokens
+
+
+def run_gmner_rt(spec: WorkerSpec, figures: Figures) -> None:
+    import gmner_rt
+
+    started = time.perf_counter()
+    extractor = gmner_rt.load(spec.bundle, providers=["CPUExecutionProvider"], threads=spec.threads)
+    figures.load_s = time.perf_counter() - started
+    measure_loop(extractor, spec, figures, text_only=spec.text_only)
+
+
+def run_ortgenai(spec: WorkerSpec, figures: Figures) -> None:
+    from gmner_rt.bundle import load_bundle
+    from gmner_rt.extractor import Extractor
+
+    from .ortgenai import OrtGenaiDecoder, build_decoder
+
+    if spec.model is None:
+        raise ValueError("ortgenai: needs the source checkpoint (--model or --preset)")
+    decoder_dir = build_decoder(spec.model, Path(spec.cache), threads=spec.threads)
+    started = time.perf_counter()
+    bundle = load_bundle(spec.bundle)
+    backend = OrtGenaiDecoder.from_bundle(bundle, decoder_dir, threads=spec.threads)
+    figures.load_s = time.perf_counter() - started
+    measure_loop(Extractor(bundle, backend), spec, figures, text_only=False)
+
+
+def run_ortgenai_text(spec: WorkerSpec, figures: Figures) -> None:
+    import gmner_rt
+
+    from .ortgenai import build_decoder, text_only_generate
+
+    if spec.model is None:
+        raise ValueError("ortgenai_text: needs the source checkpoint (--model or --preset)")
+    decoder_dir = build_decoder(
+        spec.model, Path(spec.cache), exclude_embeds=False, threads=spec.threads
+    )
+    extractor = gmner_rt.load(spec.bundle, providers=["CPUExecutionProvider"], threads=1)
+    ids = text_prompt(extractor, bench_pairs(1)[0][1]).input_ids[0].tolist()
+    del extractor
+    text_only_generate(decoder_dir, ids, min(spec.new_tokens, 4), threads=spec.threads)
+    results = [
+        text_only_generate(decoder_dir, ids, spec.new_tokens, threads=spec.threads)
+        for _ in range(spec.repeats)
+    ]
+    figures.text_only = {
+        "prompt_tokens": len(ids),
+        "ttft_ms": _median_ms([r["ttft_s"] for r in results]),
+        "decode_tokens_per_s": float(np.median([r["decode_tokens_per_s"] for r in results])),
+        "tokens": [results[0]["tokens"]],
+    }
+    figures.token_ms = [
+        float(np.median([r["token_times_s"][i] for r in results]) * 1000.0)
+        for i in range(min(len(r["token_times_s"]) for r in results))
+    ]
+
+
+# --- HF transformers ---------------------------------------------------------------------------
+
+
+class _Clock:
+    """A logits processor that records when each token's scores are ready (after the forward)
+    and suppresses the end-of-sequence ids, as the other systems do."""
+
+    def __init__(self, eos_ids: Sequence[int]):
+        self.times: list[float] = []
+        self.eos = list(eos_ids)
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        scores[:, self.eos] = -float("inf")
+        return scores
+
+
+def _hf_prompts(processor, pairs, labels) -> list[str]:
+    from gmner_rt.prompt import user_message
+
+    return [
+        processor.apply_chat_template(
+            [user_message(image, text, labels, think=True)],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for image, text in pairs
+    ]
+
+
+def hf_run(model, processor, pairs, labels, new_tokens: int, tokens, stop=()) -> Run:
+    """Processor + ``generate``; the first clock tick is the first token's scores.
+
+    ``tokens`` is the bundle's :class:`gmner_rt.bundle.TokenIds`; ``stop``: stop strings (the
+    end-to-end run stops on them, as ``extract`` does)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    clock = _Clock(tokens.eos_ids)
+    start = time.perf_counter()
+    processor.tokenizer.padding_side = "left"
+    enc = processor(
+        text=_hf_prompts(processor, pairs, labels),
+        images=[image for image, _ in pairs],
+        return_tensors="pt",
+        padding=True,
+    )
+    extra = {"stop_strings": list(stop), "tokenizer": processor.tokenizer} if stop else {}
+    with torch.inference_mode():
+        out = model.generate(
+            **enc,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+            pad_token_id=tokens.pad_id,
+            eos_token_id=list(tokens.eos_ids),
+            **extra,
+        )
+    ids = out[:, enc["input_ids"].shape[1] :].tolist()
+    # tick i: token i's scores are ready; the gap between ticks is one decode step
+    return Run(clock.times[0] - start, [float(t) for t in np.diff(clock.times)], ids)
+
+
+def _check_prompts(processor, bundle, pairs) -> None:
+    """The HF processor must tokenise the prompts exactly as the bundle does (same work)."""
+    from gmner_rt.extractor import Extractor
+
+    ours = Extractor(bundle, None).prompt_batch(pairs)
+    processor.tokenizer.padding_side = "left"
+    enc = processor(
+        text=_hf_prompts(processor, pairs, bundle.manifest.labels),
+        images=[image for image, _ in pairs],
+        return_tensors="np",
+        padding=True,
+    )
+    for row in range(len(pairs)):
+        theirs = enc["input_ids"][row][enc["attention_mask"][row] == 1].tolist()
+        mine = ours.input_ids[row][ours.attention_mask[row] == 1].tolist()
+        if theirs != mine:
+            raise RuntimeError(
+                f"hf: the processor's prompt for pair {row} differs from the bundle's "
+                f"({len(theirs)} vs {len(mine)} tokens); the systems would not do the same work"
+            )
+
+
+def run_hf(spec: WorkerSpec, figures: Figures) -> None:
+    import torch
+
+    from gmner_rt.bundle import load_bundle
+    from gmner_rt.records import parse_output
+
+    from ..train.modeling import load_model_and_processor
+
+    if spec.model is None:
+        raise ValueError("hf: needs the source checkpoint (--model or --preset)")
+    torch.set_num_threads(spec.threads)
+    bundle = load_bundle(spec.bundle, verify_hashes=False)
+    m = bundle.manifest
+    started = time.perf_counter()
+    model, processor = load_model_and_processor(
+        spec.model,
+        dtype=m.kv_cache.dtype,
+        min_pixels=m.image_processor["min_pixels"],
+        max_pixels=m.image_processor["max_pixels"],
+    )
+    figures.load_s = time.perf_counter() - started
+    pairs = bench_pairs(max(spec.pairs, spec.batch))
+    singles = pairs[: spec.pairs]
+    _check_prompts(processor, bundle, pairs)
+
+    def run(batch, new_tokens=spec.new_tokens, stop=()):
+        return hf_run(model, processor, batch, m.labels, new_tokens, m.tokens, stop)
+
+    for _ in range(spec.warmup):
+        run(singles[:1])
+    runs = [run([pair]) for _ in range(spec.repeats) for pair in singles]
+    _single_figures(figures, runs, len(singles))
+    if spec.batch > 1:
+        run(pairs[: spec.batch], min(spec.new_tokens, 4))
+        _batch_figures(figures, [run(pairs[: spec.batch]) for _ in range(spec.repeats)], spec.batch)
+    e2e, ids = [], []
+    for repeat in range(spec.repeats):
+        for pair in singles:
+            started = time.perf_counter()
+            result = run([pair], stop=m.generation.stop_strings)
+            parse_output(processor.tokenizer.decode(result.tokens[0], skip_special_tokens=True))
+            e2e.append(time.perf_counter() - started)
+            if repeat == 0:
+                ids.append(result.tokens[0])
+    figures.e2e_ms_median, figures.e2e_ms_p90 = _median_ms(e2e), _p90_ms(e2e)
+    figures.tokens_e2e = ids
+
+
+RUNNERS: dict[str, Callable[[WorkerSpec, Figures], None]] = {
+    "gmner_rt": run_gmner_rt,
+    "hf": run_hf,
+    "ortgenai": run_ortgenai,
+    "ortgenai_text": run_ortgenai_text,
+}
+
+
+def run_worker(spec: WorkerSpec) -> Figures:
+    """Measure ``spec.system``; the peak RSS is read last."""
+    figures = Figures(system=spec.system)
+    RUNNERS[spec.system](spec, figures)
+    figures.peak_rss_mb = _peak_rss_mb()
+    return figures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2:
+        raise SystemExit("usage: python -m gmner.runtime.bench_systems SPEC.json OUT.json")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    spec = WorkerSpec(**json.loads(Path(argv[0]).read_text()))
+    figures = run_worker(spec)
+    Path(argv[1]).write_text(json.dumps(asdict(figures)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""``gmner bench``: its configuration, its checks and arithmetic, and a smoke run on tiny.
+
+Speed is not asserted here (benchmarks print figures; see docs/benchmarks.md): the smoke run
+checks that every system ran, did the same work as gmner_rt, and that every figure the JSON
+promises is there and sane.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+from gmner.runtime import bench
+from gmner.runtime.bench import BenchConfig, BenchError
+from gmner.runtime.bench_systems import Run, _tokens_per_s, bench_pairs
+from gmner.runtime.cli import main
+
+from gmner_rt.errors import InputError
+
+HAS_GENAI = importlib.util.find_spec("onnxruntime_genai") is not None
+HAS_PLOT = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"preset": "huge"}, "--preset"),
+        ({}, "--bundle / --preset"),
+        ({"preset": "tiny", "bundle": Path("b")}, "--bundle / --preset"),
+        ({"preset": "tiny", "model": Path("m")}, "--model"),
+        ({"preset": "tiny", "systems": ("hf", "gmner_rt")}, "--systems"),
+        ({"preset": "tiny", "systems": ("gmner_rt", "vllm")}, "--systems"),
+        ({"preset": "tiny", "new_tokens": 1}, "--new-tokens"),
+        ({"preset": "tiny", "threads": 0}, "--threads"),
+        ({"preset": "tiny", "repeats": 0}, "--repeats"),
+        ({"bundle": Path("b"), "systems": ("gmner_rt", "hf")}, "--model"),
+    ],
+)
+def test_config_errors_name_the_flag(kwargs, flag):
+    with pytest.raises(InputError, match=flag.replace("/", ".")):
+        BenchConfig(**kwargs)
+
+
+def test_gmner_rt_alone_needs_no_checkpoint():
+    assert BenchConfig(bundle=Path("b"), systems=("gmner_rt",)).model is None
+
+
+def test_bench_pairs_are_fixed_and_distinct():
+    a, b = bench_pairs(3), bench_pairs(3)
+    assert [t for _, t in a] == [t for _, t in b]
+    assert all(x.tobytes() == y.tobytes() for (x, _), (y, _) in zip(a, b, strict=True))
+    assert a[0][0].tobytes() != a[1][0].tobytes()
+    assert len({x.size for x, _ in a}) == 1  # one size: a batch pads only its texts
+
+
+def test_tokens_per_second_counts_rows_and_steps():
+    runs = [Run(0.1, [0.01, 0.03], [[1, 2, 3]]), Run(0.1, [0.02, 0.02], [[1, 2, 3]])]
+    assert _tokens_per_s(runs, 1) == pytest.approx(4 / 0.08)
+    assert _tokens_per_s(runs, 4) == pytest.approx(16 / 0.08)
+
+
+def _figures(tokens, **extra):
+    base = {key: 1.0 for key in bench.RATIO_FIGURES}
+    base.update(tokens=tokens, tokens_batch=[], tokens_e2e=tokens, text_only=None)
+    base.update(extra)
+    return base
+
+
+def test_token_check_finds_the_first_difference():
+    results = {
+        "gmner_rt": _figures([[1, 2, 3], [4, 5, 6]]),
+        "hf": _figures([[1, 2, 3], [4, 5, 6]]),
+        "ortgenai": _figures([[1, 2, 3], [4, 9, 6]]),
+    }
+    report = {"token_check": bench.compare_tokens(results)}
+    assert report["token_check"]["hf"] == {"tokens": None, "tokens_e2e": None}
+    assert "row 1 differs at token 1" in report["token_check"]["ortgenai"]["tokens"]
+    assert bench.failed_checks(report) == [
+        "ortgenai/tokens: row 1 differs at token 1 (of 3 and 3)",
+        "ortgenai/tokens_e2e: row 1 differs at token 1 (of 3 and 3)",
+    ]
+
+
+def test_token_check_catches_a_shorter_run():
+    assert bench._first_difference([[1, 2, 3]], [[1, 2]]) == "row 0 differs at token 2 (of 3 and 2)"
+    assert bench._first_difference([[1]], [[1], [2]]) == "1 rows against 2"
+
+
+def test_ratios_say_how_many_times_better_gmner_rt_is():
+    systems = {
+        "gmner_rt": {"decode_tokens_per_s": 20.0, "ttft_ms": 100.0, "peak_rss_mb": 500.0},
+        "hf": {"decode_tokens_per_s": 10.0, "ttft_ms": 300.0, "peak_rss_mb": 250.0},
+    }
+    r = bench.ratios(systems)["hf"]
+    assert r["decode_tokens_per_s"] == pytest.approx(2.0)
+    assert r["ttft_ms"] == pytest.approx(3.0)
+    assert r["peak_rss_mb"] == pytest.approx(0.5)  # gmner_rt uses twice the memory here
+    assert r["e2e_ms_median"] is None  # not measured: no ratio
+
+
+def test_roofline_arithmetic():
+    r = bench.roofline(32.0, 1_900_000_000, 100_000_000, 14.4)
+    assert r["decode_tokens_per_s"] == pytest.approx(16.0)
+    assert r["gmner_rt_fraction"] == pytest.approx(0.9)
+
+
+def test_bandwidth_is_a_plausible_figure():
+    gb_s = bench.measure_bandwidth(64, runs=3)
+    assert 0.5 < gb_s < 5000
+
+
+@pytest.mark.slow
+def test_smoke_run_on_tiny(tmp_path, capsys):
+    """CI's smoke run: every installed system, one repeat, the same tokens, every figure."""
+    systems = ["gmner_rt", "hf"] + (["ortgenai", "ortgenai_text"] if HAS_GENAI else [])
+    out = tmp_path / "bench.json"
+    args = [
+        "bench",
+        "--preset",
+        "tiny",
+        "--systems",
+        ",".join(systems),
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--new-tokens",
+        "6",
+        "--pairs",
+        "1",
+        "--batch",
+        "2",
+        "--threads",
+        "2",
+        "--bandwidth-mb",
+        "64",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--json",
+        str(out),
+    ]
+    if HAS_PLOT:
+        args += ["--plot", str(tmp_path / "tokens.png")]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert set(report["systems"]) == set(systems)
+    assert bench.failed_checks(report) == []
+    for name in systems:
+        figures = report["systems"][name]
+        assert figures["peak_rss_mb"] > 50
+        if name == "ortgenai_text":
+            assert figures["text_only"]["decode_tokens_per_s"] > 0
+            continue
+        assert figures["ttft_ms"] > 0 and figures["decode_tokens_per_s"] > 0
+        assert figures["decode_tokens_per_s_batch"] > 0
+        assert 0 < figures["e2e_ms_median"] <= figures["e2e_ms_p90"]
+        assert len(figures["token_ms"]) == 5
+    for name in systems[1:]:
+        assert all(
+            v is None or (v > 0 and math.isfinite(v))
+            for v in report["ratios_vs_gmner_rt"][name].values()
+        )
+    roof = report["roofline"]
+    assert roof["weight_bytes"] > 0 and roof["bandwidth_gb_s"] > 0
+    assert roof["gmner_rt_fraction"] == pytest.approx(
+        report["systems"]["gmner_rt"]["decode_tokens_per_s"] / roof["decode_tokens_per_s"]
+    )
+    assert report["machine"]["threads"] == 2
+    table = capsys.readouterr().out
+    assert "| gmner_rt |" in table and "roofline:" in table
+    if HAS_PLOT:
+        assert (tmp_path / "tokens.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_failing_worker_names_the_system(tmp_path):
+    spec = bench.WorkerSpec(
+        system="gmner_rt",
+        bundle=str(tmp_path / "missing"),
+        model=None,
+        threads=1,
+        new_tokens=2,
+        repeats=1,
+        warmup=0,
+        pairs=1,
+        batch=0,
+        cache=str(tmp_path),
+    )
+    with pytest.raises(BenchError, match="gmner_rt: the worker failed"):
+        bench._run_system(spec, timeout_s=120)
