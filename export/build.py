@@ -4,7 +4,8 @@ Three steps: merge (:mod:`.merge`), write the graphs (:mod:`.onnx_export`), then
 against PyTorch (:mod:`.parity`) and write ``manifest.json`` (validated by
 :mod:`gmner_rt.bundle`, the runtime's own reader). The bundle is built in a temporary sibling
 directory and moved into place only when everything passed, so a failed export leaves no
-half-written bundle behind.
+half-written bundle behind. With ``quant`` set, that verified fp bundle is the source of a
+quantized one (:mod:`.quantized_bundle`), which is what lands at ``out``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import logging
-import os
 import platform
 import shutil
 import time
@@ -24,12 +24,13 @@ import numpy as np
 
 from gmner_rt.bundle import TOKENIZER_NAME, file_entry, load_bundle, write_manifest
 from gmner_rt.data import LABELS
-from gmner_rt.errors import InputError
 from gmner_rt.prompt import SYSTEM_PROMPT, instruction
 from gmner_rt.records import RECORD_FORMAT_VERSION
 
 from .merge import load_merged
 from .onnx_export import ExportSettings, cast_for_export, export_graphs
+from .quantize import QuantSettings
+from .staging import move_into_place, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class BundleOptions:
         adapter: LoRA adapter (or fully fine-tuned checkpoint) directory, or None.
         out: the bundle directory to create (must not exist, or be empty).
         settings: graph dtype, exporter and external-data threshold.
+        quant: weight-only quantization of the decoder after the fp export, or None.
         max_image_tokens: cap on image tokens (sets max_pixels); None keeps the model's.
         verify: run the parity check (default on).
         name: a name recorded in the manifest.
@@ -58,6 +60,7 @@ class BundleOptions:
     adapter: Path | None
     out: Path
     settings: ExportSettings = ExportSettings()
+    quant: QuantSettings | None = None
     max_image_tokens: int | None = None
     verify: bool = True
     name: str | None = None
@@ -239,18 +242,9 @@ def manifest_data(
     }
 
 
-def _fresh_dir(out: Path) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out}: exists and is not an empty directory; choose a new --out")
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def export_bundle(options: BundleOptions) -> Path:
     """Merge, export, verify and write the bundle at ``options.out``; return its path."""
-    tmp = _fresh_dir(options.out)
+    tmp = staging_dir(options.out)
     started = time.perf_counter()
     try:
         model, processor, merge_report = load_merged(
@@ -278,9 +272,15 @@ def export_bundle(options: BundleOptions) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if options.out.exists():
-        options.out.rmdir()
-    os.replace(tmp, options.out)
+    if options.quant is None:
+        move_into_place(tmp, options.out)
+    else:  # the fp bundle, verified, is the source of the quantized one
+        from .quantized_bundle import quantize_bundle
+
+        try:
+            quantize_bundle(tmp, options.out, options.quant, verify=options.verify)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     log.info("bundle written to %s in %.1f s", options.out, time.perf_counter() - started)
     return options.out
 

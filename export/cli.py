@@ -1,7 +1,9 @@
-"""``gmner export``: write a verified bundle; ``gmner export merge``: write a merged model.
+"""``gmner export``: write a verified bundle; ``gmner export merge``: write a merged model;
+``gmner export quantize``: write an existing bundle with its decoder quantized.
 
-Thin argument parsing over :func:`gmner.export.build.export_bundle` and
-:func:`gmner.export.merge.merge`; every check lives there.
+Thin argument parsing over :func:`gmner.export.build.export_bundle`,
+:func:`gmner.export.merge.merge` and :func:`gmner.export.quantized_bundle.quantize_bundle`;
+every check lives there.
 """
 
 from __future__ import annotations
@@ -38,6 +40,46 @@ def _model_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
     )
 
 
+def _quant_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """Flags of :class:`gmner.export.quantize.QuantSettings`; None means its default."""
+    parser.add_argument(
+        "--quant",
+        metavar="int8|int4",
+        required=required,
+        default=None,
+        help="weight-only quantization of the decoder's MatMuls (onnxruntime MatMulNBits)"
+        + ("" if required else "; default none"),
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="weights per scale, a power of two >= 16 (default 32)",
+    )
+    parser.add_argument(
+        "--quant-lm-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="quantize the LM head too (default on)",
+    )
+    parser.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=None,
+        help="MatMulNBits CPU compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (default 4)",
+    )
+    parser.add_argument(
+        "--symmetric",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="scales only, no zero points (default on)",
+    )
+
+
+def _no_verify(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help=what)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _model_flags(parser, required=False)
     parser.add_argument(
@@ -46,12 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="cap the image tokens per image (sets the bundle's max_pixels)",
     )
-    parser.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="skip the parity check against PyTorch (default: run it)",
-    )
+    _no_verify(parser, "skip the parity check against PyTorch and the quantized decoder's check")
     parser.add_argument(
         "--exporter",
         choices=("torchscript", "dynamo"),
@@ -59,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.onnx exporter (default torchscript: same graphs, faster)",
     )
     parser.add_argument("--name", default=None, help="model name recorded in the manifest")
+    _quant_flags(parser, required=False)
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     merge = sub.add_parser(
         "merge",
@@ -67,6 +105,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "checked against the unmerged logits) as a Qwen2.5-VL directory.",
     )
     _model_flags(merge, required=True)
+    quantize = sub.add_parser(
+        "quantize",
+        help="write an existing bundle with its decoder quantized (no torch, no re-export)",
+        description="Copy an fp bundle with its decoder's MatMul weights quantized to int8 or "
+        "int4 (onnxruntime MatMulNBits), measured against the fp decoder.",
+    )
+    quantize.add_argument("--bundle", type=Path, required=True, help="the fp bundle to quantize")
+    quantize.add_argument("--out", type=Path, required=True, help="new output directory")
+    _quant_flags(quantize, required=True)
+    _no_verify(quantize, "skip the check of the quantized decoder against the fp one")
+
+
+_QUANT_FLAGS = {
+    "block_size": "--block-size",
+    "quant_lm_head": "--quant-lm-head",
+    "accuracy_level": "--accuracy-level",
+    "symmetric": "--symmetric",
+}
+
+
+def _quant_settings(args: argparse.Namespace):
+    """The QuantSettings the flags ask for, or None without ``--quant``."""
+    from .quantize import QuantSettings
+
+    given = {key: getattr(args, key) for key in _QUANT_FLAGS if getattr(args, key) is not None}
+    if args.quant is None:
+        if given:
+            raise ValueError(f"{_QUANT_FLAGS[next(iter(given))]}: needs --quant int8|int4")
+        return None
+    return QuantSettings(scheme=args.quant, **given)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -84,6 +152,7 @@ def _export(args: argparse.Namespace) -> int:
             adapter=args.adapter,
             out=args.out,
             settings=ExportSettings(dtype=DTYPES[args.dtype], exporter=args.exporter),
+            quant=_quant_settings(args),
             max_image_tokens=args.max_image_tokens,
             verify=args.verify,
             name=args.name,
@@ -95,7 +164,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from .quantized_bundle import quantize_bundle
+
+    try:
+        settings = _quant_settings(args)
+    except ValueError as exc:
+        raise InputError(f"gmner export quantize: {exc}") from None
+    quantize_bundle(args.bundle, args.out, settings, verify=args.verify)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.action == "quantize":
+        return _quantize(args)
     if args.action == "merge":
         from .merge import merge
 

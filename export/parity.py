@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from gmner_rt.errors import GmnerError
 from gmner_rt.generate import PromptBatch, VisionSpec, generate, step
 from gmner_rt.generate import prefill as rt_prefill
 from gmner_rt.vision import vision_indices
+
+from .probes import probe_batches
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,6 @@ __all__ = [
 #: Largest accepted relative error (max |diff| / max |reference|) per export dtype.
 TOLERANCES = {"float32": 1e-4, "float16": 2e-2}
 GREEDY_STEPS = 32
-#: (width, height) of the probe images: square, wide, tall, tiny, and a very wide one.
-PROBE_SIZES = ((224, 160), (300, 100), (90, 260), (56, 56), (500, 40))
-PROBE_TEXTS = (
-    "Alice Smith visits the Louvre in Paris with Acme Corp .",
-    "RT @bob : Manchester United beat Chelsea",
-    "Nothing to see here",
-    "NASA and SpaceX launch from Florida today , says Elon Musk",
-    "Tokyo",
-)
 
 
 class ParityError(GmnerError):
@@ -124,27 +116,6 @@ class ParityReport:
             "greedy": [asdict(g) for g in self.greedy],
             "passed": not self.failures,
         }
-
-
-def _probe_image(width: int, height: int, seed: int) -> Image.Image:
-    """Noise with a few filled shapes: varied content at every scale."""
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(3):
-        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
-        x1, y1 = x0 + int(rng.integers(1, width)), y0 + int(rng.integers(1, height))
-        draw.rectangle((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    return image
-
-
-def probe_batches() -> list[list[tuple[Image.Image, str]]]:
-    """Batches of (image, text): three of batch 1, one of batch 2 (prompts of unequal length)."""
-    pairs = [
-        (_probe_image(w, h, seed), text)
-        for seed, ((w, h), text) in enumerate(zip(PROBE_SIZES, PROBE_TEXTS, strict=True))
-    ]
-    return [[pairs[0]], [pairs[3]], [pairs[4]], [pairs[1], pairs[2]]]
 
 
 def _encode(processor, pairs) -> dict[str, torch.Tensor]:

@@ -30,8 +30,9 @@ from .records import RECORD_FORMAT_VERSION
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "GRAPH_NAMES", "MANIFEST_NAME", "TOKENIZER_NAME"]
 __all__ += ["SUPPORTED_FORMAT_VERSIONS", "Bundle", "FileEntry", "GenerationSpec", "GraphSpec"]
-__all__ += ["KvCacheSpec", "Manifest", "ModelInfo", "PromptSpec", "TensorSpec", "TextConfig"]
-__all__ += ["TokenIds", "VisionConfig", "file_entry", "load_bundle", "manifest_to_dict"]
+__all__ += ["KvCacheSpec", "Manifest", "ModelInfo", "PromptSpec", "QUANT_SCHEMES"]
+__all__ += ["QuantizationSpec", "TensorSpec", "TextConfig", "TokenIds", "VisionConfig"]
+__all__ += ["file_entry", "load_bundle", "manifest_to_dict"]
 __all__ += ["parse_manifest", "write_manifest"]
 
 FORMAT = "gmner-bundle"
@@ -43,6 +44,12 @@ GRAPH_NAMES = ("vision", "embedding", "decoder")
 MODEL_DTYPES = ("float32", "float16")
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 KV_LAYOUT = ("batch", "kv_heads", "sequence", "head_dim")
+#: Weight-only quantization schemes -> bits per weight.
+QUANT_SCHEMES = {"int8": 8, "int4": 4}
+#: What a quantized MatMul becomes: onnxruntime's com.microsoft MatMulNBits.
+QUANT_OPS = ("MatMulNBits",)
+#: MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.
+QUANT_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 #: Tensors each graph must declare (the decoder also needs one past/present pair per layer).
 REQUIRED_IO = {
     "vision": (
@@ -204,6 +211,29 @@ class GenerationSpec:
 
 
 @dataclass(frozen=True)
+class QuantizationSpec:
+    """Weight-only quantization of the MatMul weights of some graphs (no section: none).
+
+    Activations, the KV cache and every graph input and output keep ``model.dtype``; only
+    constant MatMul weights are stored in ``bits`` bits, one scale (and, asymmetric, one zero
+    point) per ``block_size`` weights along the reduction axis.
+    """
+
+    scheme: str  # one of QUANT_SCHEMES
+    op: str  # one of QUANT_OPS: the node each quantized MatMul became
+    graphs: tuple[str, ...]  # the quantized graphs, of GRAPH_NAMES
+    bits: int  # QUANT_SCHEMES[scheme]
+    block_size: int  # a power of two >= 16
+    symmetric: bool  # no zero points
+    accuracy_level: int  # one of QUANT_ACCURACY_LEVELS (a compute hint to onnxruntime)
+    lm_head: bool  # the LM head's MatMul is quantized too
+    matmuls: int  # MatMul nodes quantized
+    bytes_before: int  # size of the quantized graphs' files (and data files) before
+    bytes_after: int  # ... and after
+    accuracy: dict[str, float] | None  # measured figures: metric name -> number
+
+
+@dataclass(frozen=True)
 class FileEntry:
     """Size in bytes and lowercase hex sha256 of one bundle file."""
 
@@ -229,6 +259,7 @@ class Manifest:
     files: dict[str, FileEntry]  # every bundle file but manifest.json
     exporter: dict[str, str | None]  # free-form: package versions
     parity: dict[str, Any] | None  # free-form: the export-time parity report
+    quantization: QuantizationSpec | None  # optional; None when the graphs are not quantized
     extra: dict[str, Any]  # unknown top-level keys, kept for newer readers
 
 
@@ -502,6 +533,38 @@ def _files(f: _Fields) -> dict[str, FileEntry]:
     return files
 
 
+def _quantization(f: _Fields) -> QuantizationSpec:
+    skip = ("accuracy_level", "accuracy")
+    q = QuantizationSpec(
+        **_read(f, QuantizationSpec, skip=skip),
+        accuracy_level=f.value("accuracy_level", "int0"),
+        accuracy=_accuracy(f),
+    )
+    f.one_of("scheme", q.scheme, tuple(QUANT_SCHEMES))
+    f.one_of("op", q.op, QUANT_OPS)
+    f.check(len(q.graphs) > 0, "graphs", "expected at least one graph")
+    at = _join(f.at, "graphs")
+    for i, name in enumerate(q.graphs):
+        if name not in GRAPH_NAMES:
+            raise f.error(f"{at}[{i}]", f"expected one of {', '.join(GRAPH_NAMES)}, got {name!r}")
+        if name in q.graphs[:i]:
+            raise f.error(f"{at}[{i}]", f"{name!r} listed twice")
+    f.equal("bits", q.bits, QUANT_SCHEMES[q.scheme], f"{q.scheme} bits")
+    power = q.block_size >= 16 and q.block_size & (q.block_size - 1) == 0
+    f.check(power, "block_size", f"expected a power of two >= 16, got {q.block_size}")
+    levels = ", ".join(map(str, QUANT_ACCURACY_LEVELS))
+    ok = q.accuracy_level in QUANT_ACCURACY_LEVELS
+    f.check(ok, "accuracy_level", f"expected one of {levels}, got {q.accuracy_level}")
+    return q
+
+
+def _accuracy(f: _Fields) -> dict[str, float] | None:
+    if f.value("accuracy", "object", nullable=True) is None:
+        return None
+    figures = f.section("accuracy", None)
+    return {key: figures.value(key, "number") for key in figures.data}
+
+
 # --- public API -----------------------------------------------------------------------------
 
 
@@ -547,6 +610,9 @@ def parse_manifest(data: dict, *, source: str = MANIFEST_NAME) -> Manifest:
         files=files,
         exporter={key: exporter.value(key, "str0", nullable=True) for key in exporter.data},
         parity=copy.deepcopy(f.value("parity", "object", nullable=True)),
+        quantization=None
+        if f.data.get("quantization") is None
+        else _quantization(f.section("quantization", _keys(QuantizationSpec))),
         extra={key: copy.deepcopy(value) for key, value in data.items() if key not in known},
     )
 
@@ -562,9 +628,12 @@ def _plain(value: Any) -> Any:
 
 
 def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
-    """The JSON form of ``manifest``: ``manifest_to_dict(parse_manifest(d)) == d``."""
+    """The JSON form of ``manifest``: ``manifest_to_dict(parse_manifest(d)) == d`` (a
+    ``"quantization": null`` comes back absent, as unquantized exports write it)."""
     data = _plain(manifest)
     extra = data.pop("extra")
+    if data["quantization"] is None:
+        del data["quantization"]
     return {"format": FORMAT, **data, **extra}
 
 
