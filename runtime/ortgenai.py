@@ -60,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gmner_rt.backends import onnxruntime as ort_backend
 from gmner_rt.errors import BackendError, InputError
 
 log = logging.getLogger(__name__)
@@ -474,19 +475,11 @@ class OrtGenaiDecoder:
 
     def encode_images(self, pixel_values: np.ndarray, indices) -> np.ndarray:
         """``image_embeds [groups, hidden]`` from the bundle's vision graph."""
-        feeds = {
-            "pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
-            "rot_pos_ids": indices.rot_pos_ids,
-            "window_index": indices.window_index,
-            "reverse_index": indices.reverse_index,
-            "cu_seqlens": indices.cu_seqlens,
-            "cu_window_seqlens": indices.cu_window_seqlens,
-        }
-        return self.vision.run(None, feeds)[0]
+        return ort_backend.encode_images(self.vision, pixel_values, indices)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         """``inputs_embeds [B, T, hidden]`` from the bundle's embedding graph."""
-        return self.embedding.run(None, {"input_ids": input_ids.astype(np.int64, copy=False)})[0]
+        return ort_backend.embed(self.embedding, input_ids)
 
     def empty_cache(self, batch: int) -> GqaCache:
         """A KV cache of past length 0."""

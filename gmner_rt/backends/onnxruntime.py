@@ -23,7 +23,7 @@ from ..errors import BackendError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OrtGraphs", "best_providers"]
+__all__ = ["OrtGraphs", "best_providers", "embed", "encode_images"]
 
 #: Preferred execution providers, best first.
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -103,19 +103,11 @@ class OrtGraphs:
 
     def encode_images(self, pixel_values: np.ndarray, indices) -> np.ndarray:
         """``image_embeds [groups, hidden]`` for packed images and their host-side indices."""
-        feeds = {
-            "pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
-            "rot_pos_ids": indices.rot_pos_ids,
-            "window_index": indices.window_index,
-            "reverse_index": indices.reverse_index,
-            "cu_seqlens": indices.cu_seqlens,
-            "cu_window_seqlens": indices.cu_window_seqlens,
-        }
-        return self.vision.run(None, feeds)[0]
+        return encode_images(self.vision, pixel_values, indices)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         """``inputs_embeds [B, T, hidden]`` for ``input_ids [B, T]``."""
-        return self.embedding.run(None, {"input_ids": input_ids.astype(np.int64, copy=False)})[0]
+        return embed(self.embedding, input_ids)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         """A KV cache of past length 0."""
@@ -150,6 +142,25 @@ class OrtGraphs:
     def cache_to_numpy(past: Sequence) -> list[np.ndarray]:
         """The KV cache as host arrays (for inspection and tests; decoding never needs it)."""
         return [p if isinstance(p, np.ndarray) else p.numpy() for p in past]
+
+
+def encode_images(vision, pixel_values: np.ndarray, indices) -> np.ndarray:
+    """``image_embeds [groups, hidden]`` from a vision-graph session, for packed images and
+    their host-side indices (shared by every backend that runs the bundle's vision graph)."""
+    feeds = {
+        "pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
+        "rot_pos_ids": indices.rot_pos_ids,
+        "window_index": indices.window_index,
+        "reverse_index": indices.reverse_index,
+        "cu_seqlens": indices.cu_seqlens,
+        "cu_window_seqlens": indices.cu_window_seqlens,
+    }
+    return vision.run(None, feeds)[0]
+
+
+def embed(embedding, input_ids: np.ndarray) -> np.ndarray:
+    """``inputs_embeds [B, T, hidden]`` from an embedding-graph session."""
+    return embedding.run(None, {"input_ids": input_ids.astype(np.int64, copy=False)})[0]
 
 
 def _int64(array: np.ndarray) -> np.ndarray:
