@@ -9,8 +9,9 @@ On the export's probe inputs (:mod:`.probes`), as the runtime prompts them (the 
 chat layout and tokenizer, reasoning on), both decoders run in lockstep for
 :data:`GREEDY_STEPS` greedy steps with end of sequence suppressed, each fed the fp decoder's
 token (teacher forcing). Per probe it records the largest logit difference, that over the
-largest fp logit of the step (``relative``), how many steps pick the same token, and each
-row's steps before the first different pick (where free-running greedy decoding would part).
+largest fp logit of the step (``relative``), the mean KL divergence of the next-token
+distribution from the fp one, how many steps pick the same token, and each row's steps before
+the first different pick (where free-running greedy decoding would part).
 
 Only non-finite logits fail the check. No fixed tolerance on the error separates a broken
 graph from an honest one here: on random weights the rounding noise compounds with depth
@@ -43,7 +44,14 @@ from .probes import probe_batches
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GREEDY_STEPS", "WARN_RELATIVE", "QuantCheckError", "QuantReport", "check_quantized"]
+__all__ = [
+    "GREEDY_STEPS",
+    "WARN_RELATIVE",
+    "QuantCheckError",
+    "QuantReport",
+    "check_quantized",
+    "kl_divergence",
+]
 
 GREEDY_STEPS = 32
 #: A relative logit error (max |quantized - fp| over max |fp|) above this is logged as a
@@ -61,6 +69,7 @@ class ProbeResult:
     agreed: int  # (row, step) pairs whose argmax equals the fp decoder's
     steps: int  # rows * GREEDY_STEPS
     prefix: tuple[int, ...]  # per row: steps before the first different argmax
+    kl_mean: float  # mean over (row, step) of KL(fp || quantized) of the next-token softmax
 
     @property
     def finite(self) -> bool:
@@ -86,6 +95,9 @@ class QuantReport:
             "top1_agreement": sum(p.agreed for p in self.probes)
             / sum(p.steps for p in self.probes),
             "greedy_prefix_min": min(min(p.prefix) for p in self.probes),
+            "greedy_prefix_mean": float(np.mean([n for p in self.probes for n in p.prefix])),
+            "kl_mean": sum(p.kl_mean * p.steps for p in self.probes)
+            / sum(p.steps for p in self.probes),
             "greedy_steps": GREEDY_STEPS,
         }
 
@@ -114,9 +126,10 @@ def _lockstep(fp, quant, extractor: Extractor, name: str, batch: PromptBatch) ->
     (ours, q_state), (ref, fp_state) = prefill(quant, batch, vision), prefill(fp, batch, vision)
     rows = len(batch.input_ids)
     max_abs = relative = 0.0
-    agreed, prefix = 0, [GREEDY_STEPS] * rows
+    agreed, prefix, kl = 0, [GREEDY_STEPS] * rows, 0.0
     for index in range(GREEDY_STEPS):
         ref, ours = ref.astype(np.float32), ours.astype(np.float32)  # [B, vocab]
+        kl += float(kl_divergence(ref, ours).sum())
         diff = float(np.abs(ours - ref).max())
         diff = diff if np.isfinite(diff) else float("inf")  # NaN would pass max()
         max_abs = max(max_abs, diff)
@@ -128,7 +141,20 @@ def _lockstep(fp, quant, extractor: Extractor, name: str, batch: PromptBatch) ->
         agreed += int((picks == tokens).sum())
         if index + 1 < GREEDY_STEPS:
             ref, ours = step(fp, fp_state, tokens), step(quant, q_state, tokens)
-    return ProbeResult(name, max_abs, relative, agreed, rows * GREEDY_STEPS, tuple(prefix))
+    steps = rows * GREEDY_STEPS
+    return ProbeResult(name, max_abs, relative, agreed, steps, tuple(prefix), kl / steps)
+
+
+def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """``KL(softmax(reference) || softmax(other))`` per row of ``[B, vocab]`` logits, in nats
+    (computed in float64 from log-softmaxes, so a tiny probability cannot overflow it)."""
+    a = reference.astype(np.float64)
+    b = other.astype(np.float64)
+    log_p = a - a.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    log_q = b - b.max(-1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+    return (np.exp(log_p) * (log_p - log_q)).sum(-1)
 
 
 def check_quantized(source: Bundle, decoder: Path, scheme: str) -> QuantReport:

@@ -19,7 +19,12 @@ import pytest
 pytest.importorskip("onnx")
 
 import onnx  # noqa: E402
-from gmner.export.quant_check import WARN_RELATIVE, QuantCheckError, check_quantized  # noqa: E402
+from gmner.export.quant_check import (  # noqa: E402
+    WARN_RELATIVE,
+    QuantCheckError,
+    check_quantized,
+    kl_divergence,
+)
 from gmner.export.quantize import QuantSettings, lm_head_matmul, quantize_decoder  # noqa: E402
 from gmner.export.quantized_bundle import quantize_bundle  # noqa: E402
 from gmner.runtime.cli import main as gmner_main  # noqa: E402
@@ -83,6 +88,8 @@ def test_quantized_bundle_records_its_scheme_and_stays_close(scheme, request):
     assert len(m.parity["quantized"]["probes"]) == 4
     assert q.accuracy["logits_relative_error"] <= TINY_BOUNDS[scheme]
     assert q.accuracy["greedy_steps"] == 32 and 0.5 <= q.accuracy["top1_agreement"] <= 1.0
+    assert 0.0 < q.accuracy["kl_mean"] < (0.01 if scheme == "int8" else 0.2)
+    assert q.accuracy["greedy_prefix_min"] <= q.accuracy["greedy_prefix_mean"] <= 32
 
 
 def test_quantize_copies_the_other_files_unchanged(int8_bundle, tiny_bundle):
@@ -262,3 +269,15 @@ def test_external_data_is_read_and_written(tiny_bundle, tmp_path):
     assert len([n for n in model.graph.node if n.op_type == "MatMulNBits"]) == TINY_MATMULS
     with pytest.raises(ValueError, match="already quantized"):
         quantize_decoder(tmp_path / "q.onnx", tmp_path / "qq.onnx", QuantSettings("int4"))
+
+
+def test_kl_divergence_against_a_direct_computation():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3, 50)) * 4, rng.normal(size=(3, 50)) * 4
+    p = np.exp(a) / np.exp(a).sum(-1, keepdims=True)
+    q = np.exp(b) / np.exp(b).sum(-1, keepdims=True)
+    expected = (p * np.log(p / q)).sum(-1)
+    assert kl_divergence(a, b) == pytest.approx(expected, rel=1e-9)
+    assert kl_divergence(a, a) == pytest.approx(np.zeros(3), abs=1e-12)
+    assert kl_divergence(a, a + 7.0) == pytest.approx(np.zeros(3), abs=1e-12)  # shift-invariant
+    assert np.all(np.isfinite(kl_divergence(a * 1e4, b * 1e4)))  # no overflow on huge logits
