@@ -2,6 +2,7 @@
 
     gmner bench --preset bench-small --json out/bench/bench-small.json --plot docs/images/x.png
     gmner bench --bundle B --model M --systems gmner_rt,hf
+    gmner bench --preset bench-small --systems gmner_rt,hf,gmner_rt:int8,gmner_rt:int4,ortgenai:int4
 
 For one bundle and its source checkpoint (or a ``--preset``, which builds, caches and exports
 that random-weight model itself), every system runs in a child process of its own
@@ -15,6 +16,16 @@ prefill), decode tokens/s at batch 1 and at ``--batch``, end-to-end ``extract`` 
 (``> 1``: gmner_rt is better), plus the decode roofline: bytes of weights (and KV cache) read
 per token over the bandwidth. It writes a table to stdout, ``--json`` and a per-token latency
 plot (``--plot``, needs matplotlib). It knows nothing about how a system decodes.
+
+Separate processes minutes apart see different memory bandwidth on a shared machine, so the
+decode ratio to onnxruntime-genai is also measured paired: both decoders in one process,
+stepped in turn (:func:`gmner.runtime.bench_systems.run_paired`), for fp32 and for each
+quantized variant both systems run.
+
+Quantized variants (``gmner_rt:int8``, ``gmner_rt:int4``: the bundle quantized by ``gmner
+export quantize``, cached; ``ortgenai:int4``: the builder at that precision) decode other
+logits, so their ids are not held to gmner_rt's; the report gives how many greedy tokens they
+share with the fp ones before the first difference, their decoder size and their roofline.
 """
 
 from __future__ import annotations
@@ -29,13 +40,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from gmner_rt.errors import GmnerError, InputError
 
+from .bandwidth import BandwidthProbe, measure_bandwidth  # noqa: F401 (re-exported)
 from .bench_systems import SYSTEMS, WorkerSpec  # noqa: F401 (WorkerSpec: re-exported)
 
 log = logging.getLogger(__name__)
@@ -58,6 +70,25 @@ RATIO_FIGURES = {
 _PRESET_SOURCES = ("train/tiny_model.py", "export/graphs.py", "export/onnx_export.py")
 
 
+#: Quantized variants a system may be run as (``gmner_rt:int4``: the bundle quantized by
+#: ``gmner export quantize``; ``ortgenai:int4``: onnxruntime-genai's builder at that precision).
+VARIANTS = ("int8", "int4")
+_VARIANT_SYSTEMS = ("gmner_rt", "ortgenai")
+
+
+def split_system(name: str) -> tuple[str, str | None]:
+    """``"gmner_rt:int4"`` -> ``("gmner_rt", "int4")``; ``"hf"`` -> ``("hf", None)``."""
+    base, _, variant = name.partition(":")
+    return base, variant or None
+
+
+def _known_system(name: str) -> bool:
+    base, variant = split_system(name)
+    if variant is None:
+        return base in SYSTEMS
+    return base in _VARIANT_SYSTEMS and variant in VARIANTS
+
+
 class BenchError(GmnerError):
     """A bench that cannot be run, or whose systems did different work."""
 
@@ -75,6 +106,9 @@ class BenchConfig:
         new_tokens: greedy tokens per request (eos suppressed: exactly this many).
         repeats: measured repeats after ``warmup`` unmeasured runs.
         warmup: unmeasured runs first.
+        rounds: every system's worker runs this many times, the systems taking turns
+            (A B C A B C ...), and each figure is the median over the rounds: on a shared
+            machine whose memory bandwidth drifts, this keeps the drift out of the ratios.
         pairs: bench pairs the batch-1 figures run over.
         batch: batch size of the batched figures (0 or 1: none).
         cache: where presets and built peer models are cached.
@@ -90,6 +124,7 @@ class BenchConfig:
     new_tokens: int = 64
     repeats: int = 3
     warmup: int = 1
+    rounds: int = 2
     pairs: int = 2
     batch: int = 4
     cache: Path = DEFAULT_CACHE
@@ -103,24 +138,28 @@ class BenchConfig:
             raise InputError("--bundle / --preset: give exactly one of them")
         if self.preset is not None and self.model is not None:
             raise InputError("--model: not with --preset (the preset builds its own checkpoint)")
-        unknown = [s for s in self.systems if s not in SYSTEMS]
+        unknown = [s for s in self.systems if not _known_system(s)]
         if unknown or not self.systems or self.systems[0] != "gmner_rt":
             raise InputError(
-                f"--systems: expected gmner_rt first, then any of {SYSTEMS[1:]}, "
-                f"got {','.join(self.systems)}"
+                f"--systems: expected gmner_rt first, then any of {SYSTEMS[1:]}, or "
+                f"gmner_rt / ortgenai with a quantized variant ({', '.join(VARIANTS)}: "
+                f"e.g. gmner_rt:int4), got {','.join(self.systems)}"
             )
+        if len(set(self.systems)) != len(self.systems):
+            raise InputError(f"--systems: a system is named twice in {','.join(self.systems)}")
         for flag, value, low in (
             ("--threads", self.threads, 1),
             ("--new-tokens", self.new_tokens, 2),
             ("--repeats", self.repeats, 1),
             ("--warmup", self.warmup, 0),
+            ("--rounds", self.rounds, 1),
             ("--pairs", self.pairs, 1),
             ("--batch", self.batch, 0),
             ("--bandwidth-mb", self.bandwidth_mb, 0),
         ):
             if value < low:
                 raise InputError(f"{flag}: must be >= {low}, got {value}")
-        needs_model = [s for s in self.systems if s != "gmner_rt"]
+        needs_model = [s for s in self.systems if not s.startswith("gmner_rt")]
         if needs_model and self.preset is None and self.model is None:
             raise InputError(f"--model: the systems {needs_model} need the source checkpoint")
 
@@ -156,24 +195,24 @@ def prepare_preset(name: str, cache: Path) -> tuple[Path, Path]:
     return model, bundle
 
 
+def prepare_quantized(bundle: Path, scheme: str, cache: Path) -> Path:
+    """``bundle`` with its decoder quantized to ``scheme`` (``gmner export quantize``'s
+    defaults), made once per source manifest."""
+    from ..export.quantize import QuantSettings
+    from ..export.quantized_bundle import quantize_bundle
+
+    digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:16]
+    out = cache / "quantized" / f"{digest}-{scheme}"
+    if (out / "manifest.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    quantize_bundle(bundle, out, QuantSettings(scheme))
+    log.info("quantized %s to %s in %.1f s", bundle, scheme, time.perf_counter() - started)
+    return out
+
+
 # --- the machine -------------------------------------------------------------------------------
-
-
-def measure_bandwidth(megabytes: int = 1024, runs: int = 12) -> float:
-    """Memory bandwidth in GB/s: an fp32 ``x @ W`` over a ``megabytes`` matrix, on every core
-    (numpy's BLAS), median of ``runs`` after one warm-up. A plain sum is compute-bound here; a
-    matrix-vector product reads each weight once, as a decode step does."""
-    rows = 4096
-    cols = max(1, megabytes * 2**20 // (4 * rows))
-    weights = np.full((rows, cols), 0.5, dtype=np.float32)  # every page written: resident
-    x = np.full((1, rows), 0.25, dtype=np.float32)
-    _ = x @ weights
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        _ = x @ weights
-        times.append(time.perf_counter() - started)
-    return weights.nbytes / float(np.median(times)) / 1e9
 
 
 def _cpu_name() -> str:
@@ -293,6 +332,36 @@ def _run_system(spec: WorkerSpec, timeout_s: float) -> dict:
         return json.loads(out_path.read_text())
 
 
+def merge_rounds(runs: list[dict]) -> dict:
+    """One system's figures over interleaved rounds: the median of each figure (the peak
+    memory's maximum), per-token latencies position by position; the ids of every round must
+    be the same (greedy decoding of the same prompts is deterministic)."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = dict(runs[0])
+    for key in (*RATIO_FIGURES, "load_s", "bandwidth_gb_s", "roofline_fraction"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            merged[key] = max(values) if key == "peak_rss_mb" else float(np.median(values))
+    if runs[0].get("token_ms"):
+        width = min(len(r["token_ms"]) for r in runs)
+        merged["token_ms"] = [
+            float(np.median([r["token_ms"][i] for r in runs])) for i in range(width)
+        ]
+    if runs[0].get("text_only"):
+        merged["text_only"] = dict(runs[0]["text_only"])
+        for key in ("ttft_ms", "decode_tokens_per_s"):
+            merged["text_only"][key] = float(np.median([r["text_only"][key] for r in runs]))
+    for key in ("tokens", "tokens_batch", "tokens_e2e"):
+        if any(r[key] != runs[0][key] for r in runs):
+            raise BenchError(f"{runs[0]['system']}: {key} differ between rounds")
+    merged["rounds"] = {
+        key: [r.get(key) for r in runs]
+        for key in (*RATIO_FIGURES, "bandwidth_gb_s", "roofline_fraction")
+    }
+    return merged
+
+
 def _first_difference(a: list[list[int]], b: list[list[int]]) -> str | None:
     if len(a) != len(b):
         return f"{len(a)} rows against {len(b)}"
@@ -305,11 +374,12 @@ def _first_difference(a: list[list[int]], b: list[list[int]]) -> str | None:
 
 
 def compare_tokens(results: dict[str, dict]) -> dict[str, dict[str, str | None]]:
-    """Per system, per run kind, where its ids first differ from gmner_rt's (None: equal)."""
+    """Per system, per run kind, where its ids first differ from gmner_rt's (None: equal).
+    Quantized variants compute other logits, so they are left to :func:`agreement`."""
     reference = results["gmner_rt"]
     report: dict[str, dict[str, str | None]] = {}
     for system, figures in results.items():
-        if system == "gmner_rt":
+        if system == "gmner_rt" or split_system(system)[1] is not None:
             continue
         if system == "ortgenai_text":
             ours = (reference.get("text_only") or {}).get("tokens", [])
@@ -323,8 +393,41 @@ def compare_tokens(results: dict[str, dict]) -> dict[str, dict[str, str | None]]
     return report
 
 
+def _prefix(a: list[int], b: list[int]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def agreement(results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Per quantized variant: greedy tokens agreeing with gmner_rt's fp ones before the first
+    difference (mean and min over the batch-1 runs), out of ``new_tokens``."""
+    reference = results["gmner_rt"]["tokens"]
+    out = {}
+    for system, figures in results.items():
+        if split_system(system)[1] is None:
+            continue
+        lengths = [_prefix(a, b) for a, b in zip(reference, figures["tokens"], strict=True)]
+        out[system] = {
+            "greedy_prefix_mean": float(np.mean(lengths)),
+            "greedy_prefix_min": int(min(lengths)),
+            "tokens": len(reference[0]),
+        }
+    return out
+
+
 def _public(figures: dict) -> dict:
-    keys = ("load_s", *RATIO_FIGURES, "token_ms", "text_only", "notes")
+    keys = (
+        "load_s",
+        *RATIO_FIGURES,
+        "decoder_mb",
+        "bandwidth_gb_s",
+        "roofline_fraction",
+        "token_ms",
+        "text_only",
+        "rounds",
+        "notes",
+    )
     out = {key: figures.get(key) for key in keys}
     if out["text_only"]:
         out["text_only"] = {k: v for k, v in out["text_only"].items() if k != "tokens"}
@@ -360,11 +463,16 @@ def run_bench(config: BenchConfig) -> dict:
     else:
         model, bundle = config.model, config.bundle
         name = str(bundle)
-    results: dict[str, dict] = {}
+    bundles = {None: bundle}
+    specs = {}
     for system in config.systems:
-        spec = WorkerSpec(
-            system=system,
-            bundle=str(bundle),
+        base, variant = split_system(system)
+        if base == "gmner_rt" and variant not in bundles:
+            bundles[variant] = prepare_quantized(bundle, variant, config.cache)
+        specs[system] = WorkerSpec(
+            system=base,
+            precision=variant or "fp32",
+            bundle=str(bundles[variant] if base == "gmner_rt" else bundle),
             model=str(model) if model is not None else None,
             threads=config.threads,
             new_tokens=config.new_tokens,
@@ -375,7 +483,43 @@ def run_bench(config: BenchConfig) -> dict:
             cache=str(config.cache / "peers"),
             text_only=system == "gmner_rt" and "ortgenai_text" in config.systems,
         )
-        results[system] = _run_system(spec, config.timeout_s)
+    rounds: dict[str, list[dict]] = {system: [] for system in config.systems}
+    probe = BandwidthProbe(config.bandwidth_mb) if config.bandwidth_mb else None
+    bandwidths: list[dict[str, float]] = []
+    for index in range(config.rounds):
+        log.info("round %d of %d", index + 1, config.rounds)
+        for system, spec in specs.items():
+            before = probe.measure() if probe else None
+            figures = _run_system(spec, config.timeout_s)
+            if probe is not None:
+                after = probe.measure()
+                bandwidths += [before, after]
+                figures["bandwidth_gb_s"] = (max(before.values()) + max(after.values())) / 2
+            rounds[system].append(figures)
+    del probe
+    weights = decoder_weight_bytes(bundle)
+    kv = kv_bytes_per_token(bundle, _mean_context(bundle, config.new_tokens))
+    for runs in rounds.values():
+        for figures in runs:
+            if figures.get("bandwidth_gb_s") and figures.get("decode_tokens_per_s"):
+                per_token = (figures.get("decoder_mb") or weights / 1e6) * 1e6 + kv
+                ceiling = figures["bandwidth_gb_s"] * 1e9 / per_token
+                figures["roofline_fraction"] = figures["decode_tokens_per_s"] / ceiling
+    results = {system: merge_rounds(runs) for system, runs in rounds.items()}
+    paired = {}
+    for variant in (None, *VARIANTS):
+        suffix = f":{variant}" if variant else ""
+        if f"ortgenai{suffix}" in specs and f"gmner_rt{suffix}" in specs:
+            spec = replace(
+                specs[f"gmner_rt{suffix}"],
+                system="paired",
+                precision=variant or "fp32",
+                warmup=2,
+                repeats=3,
+                text_only=False,
+                bandwidth_mb=config.bandwidth_mb,
+            )
+            paired[variant or "fp32"] = _run_system(spec, config.timeout_s)["paired"]
     systems = {name_: _public(figures) for name_, figures in results.items()}
     report = {
         "machine": machine_facts(config.threads),
@@ -387,21 +531,35 @@ def run_bench(config: BenchConfig) -> dict:
             "pairs": config.pairs,
             "batch": config.batch,
             "threads": config.threads,
+            "rounds": config.rounds,
         },
         "systems": systems,
         "ratios_vs_gmner_rt": ratios(systems),
         "token_check": compare_tokens(results),
+        "quantized_agreement": agreement(results),
+        "paired_decode": paired,
     }
-    if config.bandwidth_mb:
-        bandwidth = measure_bandwidth(config.bandwidth_mb)
-        context = _mean_context(bundle, config.new_tokens)
-        report["roofline"] = roofline(
-            bandwidth,
-            decoder_weight_bytes(bundle),
-            kv_bytes_per_token(bundle, context),
-            systems["gmner_rt"]["decode_tokens_per_s"],
-        )
+    if bandwidths:
+        report["bandwidth_gb_s"] = {
+            method: [b[method] for b in bandwidths] for method in bandwidths[0]
+        }
+        report["roofline"] = _roofline_of(results["gmner_rt"], weights, kv)
+        report["roofline_variants"] = {
+            f"gmner_rt:{variant}": _roofline_of(
+                results[f"gmner_rt:{variant}"], decoder_weight_bytes(path), kv
+            )
+            for variant, path in bundles.items()
+            if variant is not None
+        }
     return report
+
+
+def _roofline_of(figures: dict, weights: int, kv: int) -> dict:
+    """The roofline at the bandwidth measured around this system's runs (median over the
+    rounds); its fraction is the median of the per-round fractions."""
+    r = roofline(figures["bandwidth_gb_s"], weights, kv, figures["decode_tokens_per_s"])
+    r["gmner_rt_fraction"] = figures["roofline_fraction"]
+    return r
 
 
 def _mean_context(bundle: Path, new_tokens: int) -> int:
@@ -433,14 +591,18 @@ def _cell(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f} %"
+
+
 def format_table(report: dict) -> str:
     """A Markdown table of every system's figures and its ratio to gmner_rt."""
     b = report["settings"]["batch"]
     header = (
         f"| system | TTFT ms | decode tok/s | TTFT ms (b{b}) | decode tok/s (b{b}) "
-        "| e2e ms median | e2e ms p90 | peak RSS MB |"
+        "| e2e ms median | e2e ms p90 | peak RSS MB | decoder MB | roofline |"
     )
-    lines = [header, "|" + "---|" * 8]
+    lines = [header, "|" + "---|" * 10]
     for name, f in report["systems"].items():
         if name == "ortgenai_text":
             continue
@@ -453,7 +615,8 @@ def format_table(report: dict) -> str:
         lines.append(
             f"| {name} | {both('ttft_ms', 0)} | {both('decode_tokens_per_s', 2)} "
             f"| {both('ttft_ms_batch', 0)} | {both('decode_tokens_per_s_batch', 2)} "
-            f"| {both('e2e_ms_median', 0)} | {both('e2e_ms_p90', 0)} | {both('peak_rss_mb', 0)} |"
+            f"| {both('e2e_ms_median', 0)} | {both('e2e_ms_p90', 0)} | {both('peak_rss_mb', 0)} "
+            f"| {_cell(f.get('decoder_mb'), 0)} | {_percent(f.get('roofline_fraction'))} |"
         )
     text_rows = [
         (name, f["text_only"]) for name, f in report["systems"].items() if f.get("text_only")
@@ -466,13 +629,35 @@ def format_table(report: dict) -> str:
                 f"| {label} | {_cell(t['ttft_ms'], 0)} | {_cell(t['decode_tokens_per_s'], 2)} |"
             )
     if "roofline" in report:
-        r = report["roofline"]
-        lines += [
-            "",
-            f"roofline: {r['bandwidth_gb_s']:.1f} GB/s / {r['bytes_per_token'] / 1e9:.3f} GB "
-            f"per token = {r['decode_tokens_per_s']:.2f} tok/s; gmner_rt at "
-            f"{100 * r['gmner_rt_fraction']:.1f} %",
-        ]
+        lines.append("")
+        rooflines = {"gmner_rt": report["roofline"], **report.get("roofline_variants", {})}
+        for name, r in rooflines.items():
+            lines.append(
+                f"roofline ({name}): {r['bandwidth_gb_s']:.1f} GB/s / "
+                f"{r['bytes_per_token'] / 1e9:.3f} GB per token = "
+                f"{r['decode_tokens_per_s']:.2f} tok/s; measured at "
+                f"{100 * r['gmner_rt_fraction']:.1f} %"
+            )
+    for variant, p in report.get("paired_decode", {}).items():
+        low, high = p["ortgenai_over_gmner_rt_p10_p90"]
+        lines.append(
+            f"paired decode ({variant}, one process, steps alternating, {p['steps']} steps): "
+            f"onnxruntime-genai's step takes {p['ortgenai_over_gmner_rt_median']:.3f}x "
+            f"gmner_rt's (p10 {low:.3f}, p90 {high:.3f}); ms/step "
+            + ", ".join(f"{k} {v:.1f}" for k, v in p["ms_per_step_median"].items())
+            + (
+                f"; at {p['bandwidth_gb_s_median']:.1f} GB/s measured between the steps: "
+                + ", ".join(f"{k} {100 * v:.0f} %" for k, v in p["roofline_fraction"].items())
+                + " of the roofline"
+                if "roofline_fraction" in p
+                else ""
+            )
+        )
+    for name, a in report.get("quantized_agreement", {}).items():
+        lines.append(
+            f"{name}: greedy tokens equal to gmner_rt fp before the first difference: "
+            f"mean {a['greedy_prefix_mean']:.1f}, min {a['greedy_prefix_min']} of {a['tokens']}"
+        )
     return "\n".join(lines)
 
 
@@ -522,13 +707,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--systems",
         default=",".join(d["systems"].default),
-        help="comma-separated, gmner_rt first (default: %(default)s)",
+        help="comma-separated, gmner_rt first; gmner_rt and ortgenai also as :int8 / :int4 "
+        "(default: %(default)s)",
     )
     for flag, key, help_text in (
         ("--threads", "threads", "intra-op threads for every system (default: all cores)"),
         ("--new-tokens", "new_tokens", "greedy tokens per request (default: %(default)s)"),
         ("--repeats", "repeats", "measured repeats (default: %(default)s)"),
         ("--warmup", "warmup", "unmeasured runs first (default: %(default)s)"),
+        ("--rounds", "rounds", "systems take turns this many times (default: %(default)s)"),
         ("--pairs", "pairs", "image/text pairs for batch-1 figures (default: %(default)s)"),
         ("--batch", "batch", "batch size of the batched figures, 0: none (default: %(default)s)"),
         ("--bandwidth-mb", "bandwidth_mb", "bandwidth matrix size, 0: skip (default: %(default)s)"),
@@ -549,6 +736,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         warmup=args.warmup,
+        rounds=args.rounds,
         pairs=args.pairs,
         batch=args.batch,
         cache=args.cache,

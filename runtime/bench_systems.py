@@ -67,6 +67,10 @@ class WorkerSpec:
         batch: the batch size of the batched figures (0: none).
         cache: folder for built artifacts (onnxruntime-genai's decoders).
         text_only: also decode the text-only prompt (gmner_rt, beside ``ortgenai_text``).
+        precision: ortgenai's builder precision ("fp32", "int8", "int4"); gmner_rt's comes
+            with its bundle.
+        bandwidth_mb: ``paired`` only: the matrix of a bandwidth probe taken between the
+            decode steps (0: none), for a roofline fraction free of drift.
     """
 
     system: str
@@ -80,6 +84,8 @@ class WorkerSpec:
     batch: int
     cache: str
     text_only: bool = False
+    precision: str = "fp32"
+    bandwidth_mb: int = 0
 
 
 @dataclass
@@ -109,10 +115,12 @@ class Figures:
     e2e_ms_median: float | None = None
     e2e_ms_p90: float | None = None
     peak_rss_mb: float = 0.0
+    decoder_mb: float | None = None
     tokens: list[list[int]] = field(default_factory=list)
     tokens_batch: list[list[int]] = field(default_factory=list)
     tokens_e2e: list[list[int]] = field(default_factory=list)
     text_only: dict | None = None
+    paired: dict | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -143,8 +151,24 @@ def _p90_ms(values: Sequence[float]) -> float:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident set size of this process (Linux reports KiB)."""
+    """Peak resident set size of this process image: ``VmHWM``, which ``exec`` resets (the
+    ``ru_maxrss`` of a child carries its parent's peak over the fork)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _files_mb(paths) -> float:
+    return sum(Path(p).stat().st_size for p in paths) / 1e6
+
+
+def _bundle_decoder_files(bundle) -> list[Path]:
+    spec = bundle.manifest.graphs["decoder"]
+    return [bundle.file(spec.file), *([bundle.file(spec.data_file)] if spec.data_file else [])]
 
 
 def _suppress(logits: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
@@ -284,6 +308,7 @@ def run_gmner_rt(spec: WorkerSpec, figures: Figures) -> None:
     started = time.perf_counter()
     extractor = gmner_rt.load(spec.bundle, providers=["CPUExecutionProvider"], threads=spec.threads)
     figures.load_s = time.perf_counter() - started
+    figures.decoder_mb = _files_mb(_bundle_decoder_files(extractor.bundle))
     measure_loop(extractor, spec, figures, text_only=spec.text_only)
 
 
@@ -295,7 +320,10 @@ def run_ortgenai(spec: WorkerSpec, figures: Figures) -> None:
 
     if spec.model is None:
         raise ValueError("ortgenai: needs the source checkpoint (--model or --preset)")
-    decoder_dir = build_decoder(spec.model, Path(spec.cache), threads=spec.threads)
+    decoder_dir = build_decoder(
+        spec.model, Path(spec.cache), precision=spec.precision, threads=spec.threads
+    )
+    figures.decoder_mb = _files_mb(p for p in decoder_dir.iterdir() if ".onnx" in p.name)
     started = time.perf_counter()
     bundle = load_bundle(spec.bundle)
     backend = OrtGenaiDecoder.from_bundle(bundle, decoder_dir, threads=spec.threads)
@@ -466,7 +494,103 @@ def run_hf(spec: WorkerSpec, figures: Figures) -> None:
     figures.tokens_e2e = ids
 
 
+# --- paired decode: gmner_rt and onnxruntime-genai step by step in one process ----------------
+
+
+def run_paired(spec: WorkerSpec, figures: Figures) -> None:
+    """gmner_rt's decoder and onnxruntime-genai's, each from its own prefill of the same
+    prompt, stepped in turn (the order swapped every step) so that both see the same memory
+    bandwidth at every moment: the ratio of their step times is free of the drift that
+    separate processes measured minutes apart carry. Each step starts after a 20 ms pause, so
+    the other session's worker threads, which spin for a while after a run, have gone idle;
+    the ratio is taken over each pair of consecutive steps (one in each order). With
+    ``spec.bandwidth_mb``, a bandwidth probe runs after each pair of steps too, and each
+    decoder's roofline fraction is its bytes per token over its median step time, over the
+    median probe. ``spec.bundle`` is gmner_rt's bundle, ``spec.precision`` the builder's
+    precision for onnxruntime-genai."""
+    import gmner_rt
+
+    from .bandwidth import BandwidthProbe
+    from .ortgenai import OrtGenaiDecoder, build_decoder
+
+    if spec.model is None:
+        raise ValueError("paired: needs the source checkpoint (--model or --preset)")
+    extractor = gmner_rt.load(spec.bundle, providers=["CPUExecutionProvider"], threads=spec.threads)
+    decoder_dir = build_decoder(
+        spec.model, Path(spec.cache), precision=spec.precision, threads=spec.threads
+    )
+    peer = OrtGenaiDecoder.from_bundle(extractor.bundle, decoder_dir, threads=spec.threads)
+    backends = {"gmner_rt": extractor.backend, "ortgenai": peer}
+    decoder_bytes = {
+        "gmner_rt": _files_mb(_bundle_decoder_files(extractor.bundle)) * 1e6,
+        "ortgenai": _files_mb(p for p in decoder_dir.iterdir() if ".onnx" in p.name) * 1e6,
+    }
+    probe = BandwidthProbe(spec.bandwidth_mb, threads=spec.threads) if spec.bandwidth_mb else None
+    batch = extractor.prompt_batch(bench_pairs(1))
+    times, tokens, bandwidths = _alternate_steps(extractor, backends, batch, spec, probe)
+    skip = spec.warmup + spec.warmup % 2  # start on a step where gmner_rt goes first
+    ms = {name: [t * 1000.0 for t in values[skip:]] for name, values in times.items()}
+    mine, other = ms["gmner_rt"], ms["ortgenai"]
+    ratios = [
+        (other[i] + other[i + 1]) / (mine[i] + mine[i + 1]) for i in range(0, len(mine) - 1, 2)
+    ]
+    figures.text_only = None
+    figures.notes = [f"paired decode, ortgenai precision {spec.precision}"]
+    figures.paired = {
+        "steps": len(mine),
+        "ms_per_step_median": {name: float(np.median(v)) for name, v in ms.items()},
+        "ortgenai_over_gmner_rt_median": float(np.median(ratios)),
+        "ortgenai_over_gmner_rt_p10_p90": [
+            float(np.percentile(ratios, 10)),
+            float(np.percentile(ratios, 90)),
+        ],
+        "tokens_equal": tokens["gmner_rt"] == tokens["ortgenai"],
+        "context": int(batch.input_ids.shape[1]),
+    }
+    if bandwidths:
+        kv = extractor.bundle.manifest.kv_cache
+        context = batch.input_ids.shape[1] + len(tokens["gmner_rt"]) / 2
+        kv_bytes = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * context
+        kv_bytes *= np.dtype(kv.dtype).itemsize
+        bandwidth = float(np.median(bandwidths[spec.warmup :]))
+        figures.paired["bandwidth_gb_s_median"] = bandwidth
+        figures.paired["roofline_fraction"] = {
+            name: (decoder_bytes[name] + kv_bytes) / (np.median(values) / 1e3) / (bandwidth * 1e9)
+            for name, values in ms.items()
+        }
+
+
+def _alternate_steps(extractor, backends: dict, batch, spec: WorkerSpec, probe):
+    """Prefill every backend on ``batch``, then greedy steps in turn, order swapped each
+    step, and a probe after each pair (each system follows it as often as the other):
+    ``(seconds per step, tokens, GB/s)``."""
+    from gmner_rt.generate import prefill, step
+
+    eos = extractor.bundle.manifest.tokens.eos_ids
+    states, chosen, tokens = {}, {}, {}
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    bandwidths: list[float] = []
+    for name, backend in backends.items():
+        logits, states[name] = prefill(backend, batch, extractor.vision)
+        chosen[name] = np.argmax(_suppress(logits, eos), axis=-1)
+        tokens[name] = [int(chosen[name][0])]
+    for index in range(spec.warmup + spec.repeats * (spec.new_tokens - 1)):
+        order = list(backends) if index % 2 == 0 else list(reversed(backends))
+        for name in order:
+            time.sleep(0.02)
+            began = time.perf_counter()
+            logits = step(backends[name], states[name], chosen[name])
+            chosen[name] = np.argmax(_suppress(logits, eos), axis=-1)
+            times[name].append(time.perf_counter() - began)
+            tokens[name].append(int(chosen[name][0]))
+        if probe is not None:  # after every pair, so each system follows it equally often
+            time.sleep(0.02)
+            bandwidths.append(probe.once())
+    return times, tokens, bandwidths
+
+
 RUNNERS: dict[str, Callable[[WorkerSpec, Figures], None]] = {
+    "paired": run_paired,
     "gmner_rt": run_gmner_rt,
     "hf": run_hf,
     "ortgenai": run_ortgenai,

@@ -101,6 +101,43 @@ def test_ratios_say_how_many_times_better_gmner_rt_is():
     assert r["e2e_ms_median"] is None  # not measured: no ratio
 
 
+def test_rounds_merge_to_medians_and_must_agree_on_tokens():
+    def run(tps, rss, tokens):
+        return _figures(
+            tokens, system="x", decode_tokens_per_s=tps, peak_rss_mb=rss, token_ms=[tps]
+        )
+
+    merged = bench.merge_rounds(
+        [run(10.0, 100.0, [[1]]), run(14.0, 300.0, [[1]]), run(11.0, 200.0, [[1]])]
+    )
+    assert merged["decode_tokens_per_s"] == 11.0 and merged["peak_rss_mb"] == 300.0
+    assert merged["token_ms"] == [11.0] and merged["rounds"]["decode_tokens_per_s"] == [
+        10.0,
+        14.0,
+        11.0,
+    ]
+    with pytest.raises(BenchError, match="x: tokens differ between rounds"):
+        bench.merge_rounds([run(10.0, 1.0, [[1]]), run(10.0, 1.0, [[2]])])
+
+
+def test_quantized_variants_are_named_and_measured_by_agreement():
+    assert bench.split_system("gmner_rt:int4") == ("gmner_rt", "int4")
+    assert BenchConfig(preset="tiny", systems=("gmner_rt", "gmner_rt:int4", "ortgenai:int8"))
+    for bad in ("hf:int4", "gmner_rt:int3"):
+        with pytest.raises(InputError, match="--systems"):
+            BenchConfig(preset="tiny", systems=("gmner_rt", bad))
+    results = {
+        "gmner_rt": _figures([[1, 2, 3, 4], [5, 6, 7, 8]]),
+        "gmner_rt:int4": _figures([[1, 2, 9, 9], [5, 6, 7, 8]]),
+    }
+    assert bench.compare_tokens(results) == {}  # a variant is not held to the fp ids
+    assert bench.agreement(results)["gmner_rt:int4"] == {
+        "greedy_prefix_mean": 3.0,
+        "greedy_prefix_min": 2,
+        "tokens": 4,
+    }
+
+
 def test_roofline_arithmetic():
     r = bench.roofline(32.0, 1_900_000_000, 100_000_000, 14.4)
     assert r["decode_tokens_per_s"] == pytest.approx(16.0)
@@ -108,8 +145,16 @@ def test_roofline_arithmetic():
 
 
 def test_bandwidth_is_a_plausible_figure():
-    gb_s = bench.measure_bandwidth(64, runs=3)
-    assert 0.5 < gb_s < 5000
+    figures = bench.BandwidthProbe(64, runs=3).measure()
+    assert set(figures) == {"numpy_matvec", "onnxruntime_matmul"}
+    assert all(0.5 < gb_s < 5000 for gb_s in figures.values())
+    probe = bench.BandwidthProbe(16, runs=1, threads=1)
+    assert 0.5 < probe.once() < 5000
+
+
+def test_bandwidth_probe_refuses_an_empty_matrix():
+    with pytest.raises(ValueError, match="megabytes must be >= 1, got 0"):
+        bench.BandwidthProbe(0)
 
 
 @pytest.mark.slow
@@ -127,6 +172,8 @@ def test_smoke_run_on_tiny(tmp_path, capsys):
         "1",
         "--warmup",
         "0",
+        "--rounds",
+        "1",
         "--new-tokens",
         "6",
         "--pairs",
@@ -168,9 +215,18 @@ def test_smoke_run_on_tiny(tmp_path, capsys):
     assert roof["gmner_rt_fraction"] == pytest.approx(
         report["systems"]["gmner_rt"]["decode_tokens_per_s"] / roof["decode_tokens_per_s"]
     )
-    assert report["machine"]["threads"] == 2
     table = capsys.readouterr().out
-    assert "| gmner_rt |" in table and "roofline:" in table
+    assert report["machine"]["threads"] == 2
+    assert len(report["bandwidth_gb_s"]["numpy_matvec"]) == 2 * len(systems)  # around each
+    if HAS_GENAI:
+        paired = report["paired_decode"]["fp32"]
+        assert paired["tokens_equal"] and paired["steps"] == 3 * 5
+        assert paired["ortgenai_over_gmner_rt_median"] > 0
+        assert paired["bandwidth_gb_s_median"] > 0
+        assert set(paired["roofline_fraction"]) == {"gmner_rt", "ortgenai"}
+        assert all(0 < f < 10 for f in paired["roofline_fraction"].values())
+        assert "paired decode (fp32" in table
+    assert "| gmner_rt |" in table and "roofline (gmner_rt):" in table
     if HAS_PLOT:
         assert (tmp_path / "tokens.png").read_bytes()[:4] == b"\x89PNG"
 
