@@ -48,7 +48,7 @@ import numpy as np
 from gmner_rt.errors import GmnerError, InputError
 
 from .bandwidth import BandwidthProbe, measure_bandwidth  # noqa: F401 (re-exported)
-from .bench_systems import SYSTEMS, WorkerSpec  # noqa: F401 (WorkerSpec: re-exported)
+from .bench_systems import SYSTEMS, WorkerSpec, kv_cache_bytes  # noqa: F401 (WorkerSpec: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -286,9 +286,7 @@ def kv_bytes_per_token(bundle_dir: Path, context: int) -> int:
     """Bytes of KV cache one decode step reads at ``context`` cached positions."""
     from gmner_rt.bundle import load_bundle
 
-    kv = load_bundle(bundle_dir, verify_hashes=False).manifest.kv_cache
-    itemsize = np.dtype(kv.dtype).itemsize
-    return 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * context * itemsize
+    return kv_cache_bytes(load_bundle(bundle_dir, verify_hashes=False).manifest.kv_cache, context)
 
 
 def roofline(bandwidth_gb_s: float, weights: int, kv: int, decode_tokens_per_s: float) -> dict:

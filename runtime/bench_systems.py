@@ -162,6 +162,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def kv_cache_bytes(kv, context: int) -> int:
+    """Bytes of a manifest ``kv_cache``'s keys and values at ``context`` positions: what one
+    decode step reads of the cache at batch 1."""
+    return 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * context * np.dtype(kv.dtype).itemsize
+
+
 def _files_mb(paths) -> float:
     return sum(Path(p).stat().st_size for p in paths) / 1e6
 
@@ -548,10 +554,8 @@ def run_paired(spec: WorkerSpec, figures: Figures) -> None:
         "context": int(batch.input_ids.shape[1]),
     }
     if bandwidths:
-        kv = extractor.bundle.manifest.kv_cache
-        context = batch.input_ids.shape[1] + len(tokens["gmner_rt"]) / 2
-        kv_bytes = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * context
-        kv_bytes *= np.dtype(kv.dtype).itemsize
+        context = batch.input_ids.shape[1] + len(tokens["gmner_rt"]) // 2
+        kv_bytes = kv_cache_bytes(extractor.bundle.manifest.kv_cache, context)
         bandwidth = float(np.median(bandwidths[spec.warmup :]))
         figures.paired["bandwidth_gb_s_median"] = bandwidth
         figures.paired["roofline_fraction"] = {
