@@ -31,6 +31,7 @@ from .merge import load_merged
 from .onnx_export import ExportSettings, cast_for_export, export_graphs
 from .quantize import QuantSettings
 from .staging import move_into_place, staging_dir
+from .tensorrt_ready import log_readiness
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +275,7 @@ def export_bundle(options: BundleOptions) -> Path:
         raise
     if options.quant is None:
         move_into_place(tmp, options.out)
+        log_readiness(options.out)
     else:  # the fp bundle, verified, is the source of the quantized one
         from .quantized_bundle import quantize_bundle
 

@@ -115,6 +115,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quantize.add_argument("--out", type=Path, required=True, help="new output directory")
     _quant_flags(quantize, required=True)
     _no_verify(quantize, "skip the check of the quantized decoder against the fp one")
+    trt_check = sub.add_parser(
+        "trt-check",
+        help="check that a bundle's graphs meet TensorRT's ONNX parser (CPU only)",
+        description="Read a bundle's graph protos and list every reason TensorRT 10's ONNX "
+        "parser would refuse them (operators, contrib domains, control flow, constant inputs, "
+        "input ranks and types); exit 1 when there is one.",
+    )
+    trt_check.add_argument("--bundle", type=Path, required=True, help="the bundle to check")
 
 
 _QUANT_FLAGS = {
@@ -175,9 +183,24 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trt_check(args: argparse.Namespace) -> int:
+    from .tensorrt_ready import bundle_problems
+
+    problems = bundle_problems(args.bundle)
+    for problem in problems:
+        log.error("not TensorRT-ready: %s", problem)
+    if problems:
+        log.error("%s: %d problem(s) for TensorRT's parser", args.bundle, len(problems))
+        return 1
+    log.info("%s: every graph meets TensorRT's parser requirements", args.bundle)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.action == "quantize":
         return _quantize(args)
+    if args.action == "trt-check":
+        return _trt_check(args)
     if args.action == "merge":
         from .merge import merge
 

@@ -281,3 +281,13 @@ def test_kl_divergence_against_a_direct_computation():
     assert kl_divergence(a, a) == pytest.approx(np.zeros(3), abs=1e-12)
     assert kl_divergence(a, a + 7.0) == pytest.approx(np.zeros(3), abs=1e-12)  # shift-invariant
     assert np.all(np.isfinite(kl_divergence(a * 1e4, b * 1e4)))  # no overflow on huge logits
+
+
+def test_a_quantized_decoder_is_reported_not_tensorrt_ready(int8_bundle):
+    """MatMulNBits is onnxruntime's contrib op: TensorRT's parser has no such operator."""
+    from gmner.export.tensorrt_ready import bundle_problems
+
+    problems = bundle_problems(int8_bundle)
+    assert problems and {p.graph for p in problems} == {"decoder"}
+    assert all("MatMulNBits" in p.where and "com.microsoft" in p.what for p in problems)
+    assert len(problems) == load_bundle(int8_bundle).manifest.quantization.matmuls
