@@ -48,7 +48,7 @@ import numpy as np
 from gmner_rt.errors import GmnerError, InputError
 
 from .bandwidth import BandwidthProbe, measure_bandwidth  # noqa: F401 (re-exported)
-from .bench_systems import SYSTEMS, WorkerSpec, kv_cache_bytes  # noqa: F401 (WorkerSpec: re-exported)
+from .bench_systems import SYSTEMS, WorkerSpec, decoder_bytes, kv_cache_bytes  # noqa: F401 (WorkerSpec: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -274,12 +274,7 @@ def decoder_weight_bytes(bundle_dir: Path) -> int:
     reads from memory once (the embedding table is read one row per token, so it is left out)."""
     from gmner_rt.bundle import load_bundle
 
-    bundle = load_bundle(bundle_dir, verify_hashes=False)
-    spec = bundle.manifest.graphs["decoder"]
-    files = [bundle.file(spec.file)]
-    if spec.data_file:
-        files.append(bundle.file(spec.data_file))
-    return sum(path.stat().st_size for path in files)
+    return decoder_bytes(load_bundle(bundle_dir, verify_hashes=False))
 
 
 def kv_bytes_per_token(bundle_dir: Path, context: int) -> int:

@@ -168,13 +168,17 @@ def kv_cache_bytes(kv, context: int) -> int:
     return 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * context * np.dtype(kv.dtype).itemsize
 
 
-def _files_mb(paths) -> float:
-    return sum(Path(p).stat().st_size for p in paths) / 1e6
-
-
-def _bundle_decoder_files(bundle) -> list[Path]:
+def decoder_bytes(bundle) -> int:
+    """Bytes of a loaded bundle's decoder graph (file plus external data): the weights one
+    decode step reads once."""
     spec = bundle.manifest.graphs["decoder"]
-    return [bundle.file(spec.file), *([bundle.file(spec.data_file)] if spec.data_file else [])]
+    files = [bundle.file(spec.file), *([bundle.file(spec.data_file)] if spec.data_file else [])]
+    return sum(path.stat().st_size for path in files)
+
+
+def _peer_decoder_bytes(decoder_dir: Path) -> int:
+    """Bytes of an onnxruntime-genai decoder folder's graph and its external data."""
+    return sum(p.stat().st_size for p in decoder_dir.iterdir() if ".onnx" in p.name)
 
 
 def _suppress(logits: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
@@ -314,7 +318,7 @@ def run_gmner_rt(spec: WorkerSpec, figures: Figures) -> None:
     started = time.perf_counter()
     extractor = gmner_rt.load(spec.bundle, providers=["CPUExecutionProvider"], threads=spec.threads)
     figures.load_s = time.perf_counter() - started
-    figures.decoder_mb = _files_mb(_bundle_decoder_files(extractor.bundle))
+    figures.decoder_mb = decoder_bytes(extractor.bundle) / 1e6
     measure_loop(extractor, spec, figures, text_only=spec.text_only)
 
 
@@ -329,7 +333,7 @@ def run_ortgenai(spec: WorkerSpec, figures: Figures) -> None:
     decoder_dir = build_decoder(
         spec.model, Path(spec.cache), precision=spec.precision, threads=spec.threads
     )
-    figures.decoder_mb = _files_mb(p for p in decoder_dir.iterdir() if ".onnx" in p.name)
+    figures.decoder_mb = _peer_decoder_bytes(decoder_dir) / 1e6
     started = time.perf_counter()
     bundle = load_bundle(spec.bundle)
     backend = OrtGenaiDecoder.from_bundle(bundle, decoder_dir, threads=spec.threads)
@@ -527,9 +531,9 @@ def run_paired(spec: WorkerSpec, figures: Figures) -> None:
     )
     peer = OrtGenaiDecoder.from_bundle(extractor.bundle, decoder_dir, threads=spec.threads)
     backends = {"gmner_rt": extractor.backend, "ortgenai": peer}
-    decoder_bytes = {
-        "gmner_rt": _files_mb(_bundle_decoder_files(extractor.bundle)) * 1e6,
-        "ortgenai": _files_mb(p for p in decoder_dir.iterdir() if ".onnx" in p.name) * 1e6,
+    weight_bytes = {
+        "gmner_rt": decoder_bytes(extractor.bundle),
+        "ortgenai": _peer_decoder_bytes(decoder_dir),
     }
     probe = BandwidthProbe(spec.bandwidth_mb, threads=spec.threads) if spec.bandwidth_mb else None
     batch = extractor.prompt_batch(bench_pairs(1))
@@ -559,7 +563,7 @@ def run_paired(spec: WorkerSpec, figures: Figures) -> None:
         bandwidth = float(np.median(bandwidths[spec.warmup :]))
         figures.paired["bandwidth_gb_s_median"] = bandwidth
         figures.paired["roofline_fraction"] = {
-            name: (decoder_bytes[name] + kv_bytes) / (np.median(values) / 1e3) / (bandwidth * 1e9)
+            name: (weight_bytes[name] + kv_bytes) / (np.median(values) / 1e3) / (bandwidth * 1e9)
             for name, values in ms.items()
         }
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gmner_rt.backends import onnxruntime as ort_backend
+
 from .extract import positive_int
 
 log = logging.getLogger(__name__)
@@ -40,15 +42,6 @@ class DecoderTimes:
     prefill_ms: float
     decode_ms_per_step: float
     logits_relative_error: float
-
-
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _feeds(session, embeds: np.ndarray, past: list[np.ndarray] | None, total: int) -> dict:
@@ -86,7 +79,8 @@ def _size(path: Path) -> float:
 
 def bench(graphs: dict[str, Path], *, prompt: int, steps: int, rounds: int, threads: int):
     """Median prefill and decode times of every graph in ``graphs`` (name -> decoder.onnx)."""
-    sessions = {name: _session(path, threads) for name, path in graphs.items()}
+    cpu = ["CPUExecutionProvider"]
+    sessions = {name: ort_backend.session(path, cpu, threads) for name, path in graphs.items()}
     first = next(iter(sessions.values()))
     hidden = first.get_inputs()[0].shape[2]
     rng = np.random.default_rng(0)

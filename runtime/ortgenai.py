@@ -392,9 +392,9 @@ class OrtGenaiDecoder:
             provider_options = spec.get("session_options", {}).get("provider_options", [])
             on_cuda = any("cuda" in entry for entry in provider_options)
             providers = ["CUDAExecutionProvider"] * on_cuda + ["CPUExecutionProvider"]
-        self.vision = _session(Path(files["vision"]), providers, threads)
-        self.embedding = _session(Path(files["embedding"]), providers, threads)
-        self.decoder = _session(self.decoder_dir / spec["filename"], providers, threads)
+        self.vision = ort_backend.session(Path(files["vision"]), providers, threads)
+        self.embedding = ort_backend.session(Path(files["embedding"]), providers, threads)
+        self.decoder = ort_backend.session(self.decoder_dir / spec["filename"], providers, threads)
         self._names = {
             "inputs_embeds": inputs["inputs_embeds"],
             "attention_mask": inputs["attention_mask"],
@@ -564,22 +564,6 @@ def _right_padded(
         new_embeds[row, : len(index)] = embeds[row, index]
         new_positions[:, row, : len(index)] = positions[:, row, index]
     return new_embeds, new_positions
-
-
-def _session(path: Path, providers: Sequence[str], threads: int | None):
-    import onnxruntime as ort
-
-    if not path.is_file():
-        raise BackendError(f"{path}: graph file missing")
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        return ort.InferenceSession(str(path), options, providers=list(providers))
-    except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise BackendError(f"{path}: onnxruntime could not load it ({exc})") from exc
 
 
 # --- onnxruntime-genai's own generator (text only) ---------------------------------------------

@@ -23,7 +23,7 @@ from ..errors import BackendError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OrtGraphs", "best_providers", "embed", "encode_images"]
+__all__ = ["OrtGraphs", "best_providers", "embed", "encode_images", "session"]
 
 #: Preferred execution providers, best first.
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -48,7 +48,10 @@ class KvLayout:
     dtype: np.dtype
 
 
-def _session(path: Path, providers: Sequence[str] | None, threads: int | None):
+def session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None):
+    """An onnxruntime session for one graph file, with the options every backend uses
+    (``threads`` intra-op threads and one inter-op thread, all graph optimizations) on
+    ``providers`` (default: :func:`best_providers`)."""
     import onnxruntime as ort
 
     if not path.is_file():
@@ -78,9 +81,9 @@ class OrtGraphs:
         threads: int | None = None,
     ):
         self.kv = kv
-        self.vision = _session(Path(files["vision"]), providers, threads)
-        self.embedding = _session(Path(files["embedding"]), providers, threads)
-        self.decoder = _session(Path(files["decoder"]), providers, threads)
+        self.vision = session(Path(files["vision"]), providers, threads)
+        self.embedding = session(Path(files["embedding"]), providers, threads)
+        self.decoder = session(Path(files["decoder"]), providers, threads)
         self._past_names = [
             f"past_{kind}_{layer}" for layer in range(kv.num_layers) for kind in ("key", "value")
         ]
