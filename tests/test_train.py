@@ -225,3 +225,29 @@ def test_config_yaml_flags_and_errors(tmp_path):
     with pytest.raises(SystemExit) as exc:
         gmner_main(["train", "--help"])
     assert exc.value.code == 0
+
+
+def test_vision_tower_trains_at_its_own_rate(tiny, images, tmp_path):
+    from gmner.train.loop import make_optimizer, prepare_model
+
+    cfg = _cfg(
+        tiny,
+        images,
+        tmp_path,
+        **{"lora.enabled": False, "lora.train_vision": True, "optim.vision_lr_scale": 0.05},
+    )
+    model, _ = prepare_model(cfg, torch.device("cpu"))
+    opt, _ = make_optimizer(model, cfg, total_steps=10)
+    main, vision = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("visual" in names[id(p)] for p in vision["params"])
+    assert not any("visual" in names[id(p)] for p in main["params"])
+    assert len(main["params"]) + len(vision["params"]) == len(list(model.parameters()))
+    assert vision["initial_lr"] == pytest.approx(0.05 * main["initial_lr"])
+    assert main["initial_lr"] == cfg.optim.lr
+    # a frozen tower leaves one group
+    frozen = _cfg(tiny, images, tmp_path, **{"lora.enabled": False})
+    model, _ = prepare_model(frozen, torch.device("cpu"))
+    assert len(make_optimizer(model, frozen, total_steps=10)[0].param_groups) == 1
+    with pytest.raises(ValueError, match="optim.vision_lr_scale"):
+        load_config(None, {"optim.vision_lr_scale": 0})

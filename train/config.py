@@ -123,6 +123,9 @@ class OptimConfig:
         batch_size: examples per micro-batch. grad_accum: micro-batches per optimizer step.
         max_grad_norm: gradient clipping (0 disables). max_length: token limit of an example.
         seed: seeds shuffling, dropout, LoRA init and GRBP. max_steps: stop early (0: off).
+        vision_lr_scale: the vision tower's learning rate as a multiple of ``lr`` when it is
+            trained (``lora.train_vision``); a model trained from scratch needs it well below
+            1, or the tower's output grows into a large constant that carries no image.
     """
 
     lr: float = 5e-4
@@ -136,9 +139,16 @@ class OptimConfig:
     max_length: int = 2048
     seed: int = 42
     max_steps: int = 0
+    vision_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", "must be > 0", self.lr)
+        _check(
+            self.vision_lr_scale > 0,
+            "optim.vision_lr_scale",
+            "must be > 0",
+            self.vision_lr_scale,
+        )
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
         _check(
             0 <= self.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)", self.warmup_ratio

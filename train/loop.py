@@ -129,9 +129,20 @@ def prepare_model(cfg: TrainConfig, device: torch.device):
     return model, processor
 
 
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """The trainable parameters: the vision tower's at ``lr * vision_lr_scale``, the rest at
+    ``lr`` (empty groups left out)."""
+    vision, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (vision if "visual" in name else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.optim.lr}]
+    groups.append({"params": vision, "lr": cfg.optim.lr * cfg.optim.vision_lr_scale})
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(model, cfg: TrainConfig, total_steps: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.optim.weight_decay)
     warmup = math.ceil(cfg.optim.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
