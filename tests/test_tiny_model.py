@@ -96,6 +96,26 @@ def test_reasoning_tags_are_single_tokens_kept_by_skip_special(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>x</think>"
 
 
+def test_demo_tokenizer_has_whole_tokens_for_the_demo_task(tokenizer):
+    """The demo preset's vocabulary holds the synthetic task's words (names, glyph and cell
+    words) and the instruction's, so its sequences are far shorter than the test tokenizer's."""
+    from gmner.train.synth import NAMES
+    from gmner.train.tiny_model import build_tokenizer
+
+    from gmner_rt.prompt import instruction
+
+    demo = build_tokenizer("demo")
+    for name, (_, glyph) in NAMES.items():
+        for word in (*name.split(), glyph.colour, glyph.shape):
+            assert len(demo.encode(" " + word, add_special_tokens=False)) == 1, word
+    for word in (" northwest", " southeast", " nowhere", "Glyphs"):
+        assert len(demo.encode(word, add_special_tokens=False)) == 1, word
+    prompt = instruction("Zentro meets Lake Ormond today", ("PER", "LOC", "ORG", "OTHER"))
+    short = len(demo.encode(prompt, add_special_tokens=False))
+    assert short < 0.65 * len(tokenizer.encode(prompt, add_special_tokens=False))
+    assert demo.decode(demo.encode(prompt, add_special_tokens=False)) == prompt
+
+
 def test_special_tokens_are_single_consecutive_ids(tokenizer):
     ids = [tokenizer.encode(t, add_special_tokens=False) for t in QWEN_SPECIAL_TOKENS]
     assert all(len(i) == 1 for i in ids)

@@ -139,6 +139,10 @@ class Preset:
         min_pixels: the image processor's smallest resized image, in pixels.
         max_pixels: the image processor's largest resized image, in pixels.
         dtype: dtype the weights are built and saved in ("float32" or "bfloat16").
+        bpe_vocab_size: merges + bytes of the locally trained BPE vocabulary.
+        corpus_extra: text added to :data:`CORPUS` (weighted, see :func:`_train_bpe`) when
+            training the BPE, so a model for one task has whole-word tokens for that task's
+            words, as a real Qwen vocabulary has for common words.
     """
 
     hidden_size: int
@@ -160,10 +164,21 @@ class Preset:
     min_pixels: int = 56 * 56
     max_pixels: int = 64 * 28 * 28
     dtype: str = "float32"
+    bpe_vocab_size: int = 1024
+    corpus_extra: str = ""
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+
+def _demo_corpus() -> str:
+    """The demo task's text for the demo tokenizer: its instruction and synthetic words."""
+    from gmner_rt.prompt import instruction
+
+    from .synth import corpus_text
+
+    return instruction("", ("PER", "LOC", "ORG", "OTHER")) + "\n" + corpus_text()
 
 
 #: ``tiny`` for tests (about 0.5 M parameters); ``bench-small`` has Qwen2.5-0.5B's text dims.
@@ -190,7 +205,11 @@ PRESETS: dict[str, Preset] = {
         vision_hidden_size=96,
         vision_heads=3,
         vision_intermediate_size=192,
-        max_pixels=224 * 224,
+        # 168 x 168: 6 x 6 image tokens, so each cell of the demo data's 3 x 3 grid is
+        # 2 x 2 tokens
+        max_pixels=168 * 168,
+        bpe_vocab_size=2048,
+        corpus_extra=_demo_corpus(),
     ),
     "bench-small": Preset(
         hidden_size=896,
@@ -236,8 +255,16 @@ def _preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def _train_bpe(vocab_size: int = 1024) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level BPE vocabulary and merges trained on :data:`CORPUS` (deterministic)."""
+#: How many times ``corpus_extra`` is repeated in the BPE's training text, so its words are
+#: merged into whole tokens before the general corpus's rarer pairs.
+_EXTRA_WEIGHT = 50
+
+
+def _train_bpe(
+    vocab_size: int = 1024, extra: str = ""
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE vocabulary and merges trained on :data:`CORPUS` and ``extra``
+    (deterministic)."""
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -251,19 +278,22 @@ def _train_bpe(vocab_size: int = 1024) -> tuple[dict[str, int], list[tuple[str, 
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    bpe.train_from_iterator(CORPUS.splitlines(), trainer)
+    lines = CORPUS.splitlines() + extra.splitlines() * _EXTRA_WEIGHT
+    bpe.train_from_iterator(lines, trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return model["vocab"], merges
 
 
-def build_tokenizer() -> Qwen2Tokenizer:
+def build_tokenizer(preset: str = "tiny") -> Qwen2Tokenizer:
     """A Qwen2 tokenizer with a locally trained vocabulary and Qwen's special tokens.
 
-    Ids: the BPE vocabulary, then :data:`QWEN_SPECIAL_TOKENS` in order, then
-    :data:`REASONING_TOKENS`. Like Qwen's, it NFC-normalizes: text in NFC round-trips exactly.
+    Ids: the BPE vocabulary (``preset``'s size and extra corpus), then
+    :data:`QWEN_SPECIAL_TOKENS` in order, then :data:`REASONING_TOKENS`. Like Qwen's, it
+    NFC-normalizes: text in NFC round-trips exactly.
     """
-    vocab, merges = _train_bpe()
+    chosen = _preset(preset)
+    vocab, merges = _train_bpe(chosen.bpe_vocab_size, chosen.corpus_extra)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
@@ -294,7 +324,7 @@ def preset_config(name: str, tokenizer: Qwen2Tokenizer | None = None) -> Qwen2_5
     ``tokenizer`` defaults to :func:`build_tokenizer`'s.
     """
     preset = _preset(name)
-    tok = tokenizer if tokenizer is not None else build_tokenizer()
+    tok = tokenizer if tokenizer is not None else build_tokenizer(name)
     ids = dict(
         zip(QWEN_SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS)), strict=True)
     )
@@ -419,7 +449,7 @@ def build_tiny_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -
     if out.is_dir() and any(out.iterdir()):
         raise InputError(f"--out: {out} is not empty; choose a new directory")
     started = time.perf_counter()
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(preset)
     config = preset_config(preset, tokenizer)
     model = build_model(config, seed, dtype=getattr(torch, chosen.dtype))
     model.generation_config = _generation_config(config)
