@@ -12,6 +12,7 @@ from gmner.train.synth import (
     NAMES,
     SPLITS,
     SynthConfig,
+    SynthTweet,
     cell_words,
     plan_tweet,
     render,
@@ -135,10 +136,12 @@ def test_reasoning_is_short_and_names_every_mention(sample, tweets):
     assert len(by_id) == 300
     for tweet in (t for split in tweets.values() for t in split):
         think = by_id[tweet.img_id]
-        assert len(think.split()) < 40
+        assert len(think.split()) < 60
         for e in tweet.entities:
             region = think.split(f"{e.mention} (")[1].split(".")[0]
-            assert ("not shown" in region) == (e.boxes is None)
+            assert ("nowhere" in region) == (e.boxes is None)
+            # the colour is named either way: the name tells the model what to look for
+            assert NAMES[e.mention][1].colour in region
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
@@ -199,6 +202,19 @@ def test_cli_synth_then_stats_and_sft_with_cot(tmp_path, capsys):
     assert cli.main(argv) == 2  # the folder is no longer empty
 
 
+def test_cli_synth_demo_writes_the_demo_models_data(tmp_path):
+    data = tmp_path / "demo"
+    argv = ["data", "synth", "--demo", "--out", str(data), "--train", "3", "--dev", "1"]
+    assert cli.main([*argv, "--test", "1"]) == 0
+    readme = (data / "README.md").read_text()
+    assert "`grid`: 3" in readme and "`wash_cells`: True" in readme
+    assert Image.open(next((data / "images").iterdir())).size == (336, 336)
+    assert [t.img_id for t in load_split(data, "test")] == ["3000000"]
+    other = ["data", "synth", "--demo", "--grid", "4", "--out", str(tmp_path / "other")]
+    assert cli.main(other) == 2  # --demo fixes the grid
+    assert not (tmp_path / "other").exists()
+
+
 def test_position_wash_shows_where_each_pixel_is(sample, tweets):
     """Background red rises left to right, blue top to bottom (glyph pixels aside)."""
     tweet = tweets["train"][0]
@@ -229,12 +245,68 @@ def test_grid_puts_each_glyph_in_its_own_cell_and_the_reasoning_names_it():
                 assert cell_words(box, tweet.size, 3) in think
 
 
+def test_cell_wash_is_one_tint_per_cell_and_nine_tints():
+    cfg = SynthConfig(seed=1, min_side=300, max_side=300, grid=3, wash_cells=True, speckle=0)
+    tweets = (plan_tweet(np.random.default_rng([1, i]), cfg, str(i)) for i in range(100))
+    tweet = next(t for t in tweets if len(t.glyphs) >= 2)
+    image, boxes = render(tweet, np.random.default_rng(0), cfg)
+    pixels = np.asarray(image).astype(int)
+    background = np.ones(pixels.shape[:2], dtype=bool)
+    for _, (x1, y1, x2, y2) in boxes:
+        background[y1:y2, x1:x2] = False
+    tints = set()
+    for row in range(3):
+        for col in range(3):
+            cell = pixels[row * 100 : (row + 1) * 100, col * 100 : (col + 1) * 100]
+            seen = {
+                tuple(p)
+                for p in cell[background[row * 100 : (row + 1) * 100, col * 100 : (col + 1) * 100]]
+            }
+            assert len(seen) == 1, (row, col, len(seen))
+            tints |= seen
+    assert len(tints) == 9
+
+
+def test_cell_wash_needs_a_grid_and_the_wash():
+    with pytest.raises(InputError, match="wash_cells"):
+        SynthConfig(wash_cells=True)
+    with pytest.raises(InputError, match="wash_cells"):
+        SynthConfig(grid=3, position_wash=False, wash_cells=True)
+
+
+def test_reasoning_lists_the_glyphs_by_colour_then_places_each_mention():
+    tweet = SynthTweet(
+        img_id="1",
+        size=(300, 300),
+        tokens=("Theo", "Brandt", "meets", "Sunvale", "and", "Zentro"),
+        tags=("B-PER", "I-PER", "O", "B-LOC", "O", "B-ORG"),
+        mentions=("Theo Brandt", "Sunvale", "Zentro"),
+        glyphs=(),
+        distractors=("Pixel Quest",),
+    )
+    # Theo Brandt orange (drawn twice), Sunvale cyan (not drawn), Zentro red, Pixel Quest
+    # green (a distractor): listed red, orange, green, each colour's places top to bottom
+    boxes = [
+        ("Theo Brandt", (10, 110, 90, 190)),
+        ("Zentro", (210, 210, 290, 290)),
+        ("Pixel Quest", (10, 10, 90, 90)),
+        ("Theo Brandt", (110, 10, 190, 90)),
+    ]
+    assert think_text(tweet, boxes, grid=3) == (
+        "Glyphs: red southeast, orange north west, green northwest. "
+        "Theo Brandt (person): orange north west, Theo Brandt north west. "
+        "Sunvale (place): cyan nowhere, Sunvale nowhere. "
+        "Zentro (organisation): red southeast, Zentro southeast."
+    )
+    assert think_text(tweet, [], grid=3).startswith("Glyphs: none. Theo Brandt (person): orange")
+
+
 def test_cell_words():
     size = (300, 300)
-    assert cell_words((0, 0, 90, 90), size, 3) == "top left"
+    assert cell_words((0, 0, 90, 90), size, 3) == "northwest"
     assert cell_words((110, 110, 190, 190), size, 3) == "centre"
-    assert cell_words((210, 110, 290, 190), size, 3) == "middle right"
-    assert cell_words((110, 210, 190, 299), size, 3) == "bottom centre"
+    assert cell_words((210, 110, 290, 190), size, 3) == "east"
+    assert cell_words((110, 210, 190, 299), size, 3) == "south"
     assert cell_words((0, 0, 60, 60), size, 5) == "row 1 column 1"
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from gmner_rt.data import available_splits, load_split, split_stats
-from gmner_rt.errors import DataError
+from gmner_rt.errors import DataError, InputError
 
 from .sft import PAPER_MAX_PIXELS, PAPER_MIN_PIXELS, SftConfig, write_sft
 
@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument(
         "--grid", type=int, help="N: each glyph in its own cell of an N x N grid (default 0: free)"
     )
+    synth.add_argument(
+        "--demo",
+        action="store_true",
+        help="the embedded default model's data (gmner demo --retrain): 336 x 336 images, "
+        "3 x 3 grid, a tint per cell, 3000 train tweets; --seed and the split sizes still apply",
+    )
 
 
 def stats_table(stats: dict[str, dict]) -> str:
@@ -94,7 +100,16 @@ def run(args: argparse.Namespace) -> int:
         from .synth import SynthConfig, write_synth  # numpy + PIL drawing, only when asked
 
         given = {k: getattr(args, k) for k in ("seed", "train", "dev", "test", "grid")}
-        cfg = SynthConfig(**{k: v for k, v in given.items() if v is not None})
+        given = {k: v for k, v in given.items() if v is not None}
+        if args.demo:
+            from .demo import demo_synth
+
+            if "grid" in given:
+                raise InputError("--grid: the --demo data has its own grid (3); drop one flag")
+            sizes = {k: v for k, v in given.items() if k in ("train", "dev", "test")}
+            cfg = demo_synth(given.get("seed", 0), **sizes)
+        else:
+            cfg = SynthConfig(**given)
         for split, c in write_synth(args.out, cfg).items():
             log.info("%s: %s", split, ", ".join(f"{v} {k}" for k, v in c.items()))
         return 0

@@ -38,12 +38,14 @@ from gmner_rt.geometry import Box
 
 __all__ = [
     "COLOURS",
+    "COMPASS",
     "NAMES",
     "SHAPES",
     "SPLITS",
     "TEMPLATES",
     "Glyph",
     "SynthConfig",
+    "corpus_text",
     "SynthTweet",
     "plan_tweet",
     "render",
@@ -169,11 +171,13 @@ class SynthConfig:
         speckle: fraction of background pixels darkened a little (mild noise).
         position_wash: tint the background by position (red with x, blue with y), so that a
             small model can see where a glyph is (see ``_background``).
+        wash_cells: with a grid, the position wash is constant within each cell (its centre's
+            tint): every patch around a glyph shows the glyph's cell, not a place to bin.
         distinct_colours: the glyphs of one tweet, mentioned or distractor, drawn or not, all
             have different colours.
         grid: 0 draws glyphs at random places with sides from glyph_min to glyph_max; N > 0
             draws each in its own random cell of an N x N grid (side 0.75 to 0.9 of the cell,
-            centre moved by up to 5 % of it), and the reasoning names the cell ("top left"):
+            centre moved by up to 5 % of it), and the reasoning names the cell ("northwest"):
             a small model learns nine places far sooner than free coordinates.
         glyph_alpha: a glyph's opacity over the background; below 1 the position wash shows
             through every glyph pixel, not just around the glyph.
@@ -198,6 +202,7 @@ class SynthConfig:
     distinct_colours: bool = True
     grid: int = 0
     glyph_alpha: float = 1.0
+    wash_cells: bool = False
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -226,6 +231,8 @@ class SynthConfig:
             raise InputError(f"glyph_alpha: need 0.5 <= alpha <= 1, got {self.glyph_alpha}")
         for flag in ("not_drawn", "twice", "retweet", "hashtag", "speckle"):
             _check_unit(flag, getattr(self, flag))
+        if self.wash_cells and not (self.grid and self.position_wash):
+            raise InputError("wash_cells: needs a grid and position_wash")
         most = len(self.mention_probs) - 1 + len(self.distractor_probs) - 1
         if self.grid < 0 or (self.grid and most + 1 > self.grid**2):
             raise InputError(
@@ -352,14 +359,21 @@ def _place_in_grid(
     return tuple(out)
 
 
+#: The cells of a 3 x 3 grid by row, each one word (one token in the demo tokenizer).
+COMPASS = (
+    ("northwest", "north", "northeast"),
+    ("west", "centre", "east"),
+    ("southwest", "south", "southeast"),
+)
+
+
 def cell_words(box: Box, size: tuple[int, int], grid: int) -> str:
-    """Where a box's centre lies: "top left" ... "bottom right" on a 3 x 3 grid, else
-    "row R column C"."""
+    """Where a box's centre lies: a compass word on a 3 x 3 grid ("northwest" ...
+    "southeast"), else "row R column C"."""
     col = min(int((box[0] + box[2]) / 2 / size[0] * grid), grid - 1)
     row = min(int((box[1] + box[3]) / 2 / size[1] * grid), grid - 1)
     if grid == 3:
-        vertical, horizontal = ("top", "middle", "bottom")[row], ("left", "centre", "right")[col]
-        return "centre" if (row, col) == (1, 1) else f"{vertical} {horizontal}"
+        return COMPASS[row][col]
     return f"row {row + 1} column {col + 1}"
 
 
@@ -429,8 +443,21 @@ def _shape_mask(shape: str, side: int) -> np.ndarray:
     return np.asarray(layer) > 0
 
 
+def _wash_ramp(n: int, cells: int) -> np.ndarray:
+    """Position in 0..1 along an axis of ``n`` pixels: linear, or with ``cells`` > 0 the
+    position of each pixel's cell (0 for the first cell, 1 for the last)."""
+    if not cells:
+        return np.linspace(0.0, 1.0, n)
+    cell = np.minimum(np.arange(n) * cells // n, cells - 1)
+    return cell / max(cells - 1, 1)
+
+
 def _background(
-    rng: np.random.Generator, size: tuple[int, int], speckle: float, position_wash: bool
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    speckle: float,
+    position_wash: bool,
+    cells: int = 0,
 ) -> np.ndarray:
     """A light background with sparse dark speckles, float HxWx3.
 
@@ -438,12 +465,13 @@ def _background(
     to bottom (pastel, far from the saturated glyph colours), so every patch shows where it
     is: Qwen2.5-VL's attention is relative (rotary), and a small model learns boxes much
     faster when absolute position is visible in the pixels, as layout cues are in real
-    photos. Without it, a random soft linear gradient.
+    photos. With ``cells`` > 0 the wash steps from cell to cell of a ``cells`` x ``cells``
+    grid instead of rising smoothly. Without the wash, a random soft linear gradient.
     """
     w, h = size
     if position_wash:
-        x = np.linspace(0.0, 1.0, w)[None, :]
-        y = np.linspace(0.0, 1.0, h)[:, None]
+        x = _wash_ramp(w, cells)[None, :]
+        y = _wash_ramp(h, cells)[:, None]
         arr = np.empty((h, w, 3))
         arr[..., 0] = 170 + 85 * x
         arr[..., 1] = 235 + 0 * x * y
@@ -463,7 +491,8 @@ def render(
     tweet: SynthTweet, rng: np.random.Generator, cfg: SynthConfig
 ) -> tuple[Image.Image, list[tuple[str, Box]]]:
     """The tweet's image and each glyph's tight box ``(name, (x1, y1, x2, y2))``, end-exclusive."""
-    arr = _background(rng, tweet.size, cfg.speckle, cfg.position_wash)
+    cells = cfg.grid if cfg.wash_cells else 0
+    arr = _background(rng, tweet.size, cfg.speckle, cfg.position_wash, cells)
     boxes: list[tuple[str, Box]] = []
     for name, x, y, side in tweet.glyphs:
         glyph = NAMES[name][1]
@@ -479,25 +508,53 @@ def render(
 
 
 def think_text(tweet: SynthTweet, boxes: Sequence[tuple[str, Box]], grid: int = 0) -> str:
-    """A short reasoning from the ground truth: the glyphs left to right, then each mention
-    (with its cells when the glyphs are in a grid)."""
-    counts: dict[str, int] = {}
-    places: dict[str, list[str]] = {}
-    for name, box in sorted(boxes, key=lambda nb: (nb[1][0], nb[1][1])):
-        counts[name] = counts.get(name, 0) + 1
-        if grid:
-            places.setdefault(name, []).append(cell_words(box, tweet.size, grid))
-    seen = ", ".join(NAMES[n][1].words(c) for n, c in counts.items()) or "none"
-    parts = [f"Shapes: {seen}."]
+    """A short reasoning from the ground truth, in two parts.
+
+    First what the image shows: every drawn glyph (distractors too) by colour, in the order of
+    :data:`COLOURS`, each with its cell (or "shown" without a grid): "Glyphs: red northwest,
+    cyan south." Then each mention in text order with its type, its glyph's colour and where
+    that colour was seen, or "nowhere", and the name once more with its place: "Zentro
+    (organisation): red northwest, Zentro northwest."
+
+    The order is what a small model learns fastest: listing colours asks the image a fixed
+    question per colour; the place of a mention is then copied from the list by its colour, a
+    lookup in the text, rather than asked of the image with a query built from the name; and
+    the name written right before its place lets the answer find the place by the name.
+    """
+    order = {colour: k for k, colour in enumerate(COLOURS)}
+    seen: dict[str, list[str]] = {}
+    ranked = sorted(boxes, key=lambda nb: (order[NAMES[nb[0]][1].colour], nb[1][1], nb[1][0]))
+    for name, box in ranked:
+        place = cell_words(box, tweet.size, grid) if grid else "shown"
+        seen.setdefault(NAMES[name][1].colour, []).append(place)
+    listed = ", ".join(f"{colour} {' '.join(places)}" for colour, places in seen.items())
+    parts = [f"Glyphs: {listed or 'none'}."]
     if not tweet.mentions:
         parts.append("No named entity.")
     for name in tweet.mentions:
         etype, glyph = NAMES[name]
-        region = glyph.words(counts[name]) if name in counts else "not shown"
-        if name in places:
-            region += " at " + " and ".join(places[name])
-        parts.append(f"{name} ({_TYPE_WORDS[etype]}): {region}.")
+        where = " ".join(seen.get(glyph.colour, ["nowhere"]))
+        parts.append(f"{name} ({_TYPE_WORDS[etype]}): {glyph.colour} {where}, {name} {where}.")
     return " ".join(parts)
+
+
+def corpus_text() -> str:
+    """The words of this task (templates, names, the reasoning's phrases), a line each: extra
+    text for a tiny model's tokenizer (:mod:`.tiny_model`), so each word is one token or
+    two, as in a real model's vocabulary."""
+    names = list(NAMES)
+    lines = []
+    for k, templates in TEMPLATES.items():
+        for j, template in enumerate(templates):
+            lines.append(template.format(*(names[(j * 5 + i * 7) % len(names)] for i in range(k))))
+    lines += [f"RT {user} :" for user in _USERS] + [" ".join(_HASHTAGS)]
+    cells = [word for row in COMPASS for word in row]
+    for i, (name, (etype, glyph)) in enumerate(NAMES.items()):
+        head = f"{name} ({_TYPE_WORDS[etype]}):"
+        lines.append(f"Glyphs: {glyph.colour} {cells[i % 9]}, {glyph.colour} {cells[i % 7]}.")
+        lines.append(f"{head} {glyph.colour} {cells[i % 9]}. {head} {glyph.shape} nowhere.")
+    lines.append("Glyphs: none. No named entity. shown")
+    return "\n".join(lines) + "\n"
 
 
 # -- Writing ----------------------------------------------------------------------------------
