@@ -84,9 +84,6 @@ class Glyph:
     def rgb(self) -> tuple[int, int, int]:
         return COLOURS[self.colour]
 
-    def words(self, count: int = 1) -> str:
-        return f"{self.colour} {self.shape}" if count == 1 else f"two {self.colour} {self.shape}s"
-
 
 _NAMES_BY_TYPE = {
     "PER": ("Mira Vance", "Theo Brandt", "Lena Marsh", "Omar Kessel", "Ivy Calder", "Jonah Pike"),
