@@ -106,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
             if "grid" in given:
                 raise InputError("--grid: the --demo data has its own grid (3); drop one flag")
-            sizes = {k: v for k, v in given.items() if k in ("train", "dev", "test")}
-            cfg = demo_synth(given.get("seed", 0), **sizes)
+            seed = given.pop("seed", 0)
+            cfg = demo_synth(seed, **given)
         else:
             cfg = SynthConfig(**given)
         for split, c in write_synth(args.out, cfg).items():

@@ -136,8 +136,10 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (vision if "visual" in name else rest).append(p)
-    groups = [{"params": rest, "lr": cfg.optim.lr}]
-    groups.append({"params": vision, "lr": cfg.optim.lr * cfg.optim.vision_lr_scale})
+    groups = [
+        {"params": rest, "lr": cfg.optim.lr},
+        {"params": vision, "lr": cfg.optim.lr * cfg.optim.vision_lr_scale},
+    ]
     return [g for g in groups if g["params"]]
 
 
