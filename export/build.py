@@ -21,10 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from gmner_rt.bundle import TOKENIZER_NAME, file_entry, load_bundle, write_manifest
 from gmner_rt.data import LABELS
-from gmner_rt.prompt import SYSTEM_PROMPT, instruction
+from gmner_rt.prompt import PROMPT_STYLES, SYSTEM_PROMPT, instruction
 from gmner_rt.records import RECORD_FORMAT_VERSION
 
 from .merge import load_merged
@@ -55,6 +56,9 @@ class BundleOptions:
         max_image_tokens: cap on image tokens (sets max_pixels); None keeps the model's.
         verify: run the parity check (default on).
         name: a name recorded in the manifest.
+        prompt: instruction style (:data:`gmner_rt.prompt.PROMPT_STYLES`) the bundle's prompt
+            is written in; None takes the one the checkpoint was trained with
+            (:func:`trained_prompt_style`).
     """
 
     model: Path
@@ -65,10 +69,37 @@ class BundleOptions:
     max_image_tokens: int | None = None
     verify: bool = True
     name: str | None = None
+    prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_image_tokens is not None and self.max_image_tokens < 4:
             raise ValueError(f"max_image_tokens: must be >= 4, got {self.max_image_tokens}")
+        if self.prompt is not None and self.prompt not in PROMPT_STYLES:
+            raise ValueError(f"prompt: expected one of {PROMPT_STYLES}, got {self.prompt!r}")
+
+    def prompt_style(self) -> str:
+        """The instruction style to write: the one asked for, else the checkpoint's."""
+        if self.prompt is not None:
+            return self.prompt
+        return trained_prompt_style(self.adapter)
+
+
+def trained_prompt_style(adapter: Path | None) -> str:
+    """The ``data.prompt`` of the training config saved with ``adapter`` (``config.yaml`` in
+    the checkpoint, or in its run folder two levels up); ``full`` when there is none."""
+    if adapter is None:
+        return "full"
+    for path in (adapter / "config.yaml", adapter.parent.parent / "config.yaml"):
+        if path.is_file():
+            try:
+                tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+            style = (tree.get("data") or {}).get("prompt", "full")
+            if style not in PROMPT_STYLES:
+                raise ValueError(f"{path}: data.prompt {style!r} is not one of {PROMPT_STYLES}")
+            return style
+    return "full"
 
 
 def _versions() -> dict[str, str | None]:
@@ -82,7 +113,7 @@ def _versions() -> dict[str, str | None]:
     return {"python": platform.python_version(), **{n: version(n) for n in names}}
 
 
-def _prompt(processor) -> dict[str, str]:
+def _prompt(processor, style: str) -> dict[str, str]:
     """The chat layout with {system}, {image}, {instruction} slots, rendered by the model's
     own chat template (so the runtime's token ids equal ``apply_chat_template``'s)."""
     messages = [
@@ -105,8 +136,8 @@ def _prompt(processor) -> dict[str, str]:
         "system": SYSTEM_PROMPT,
         "chat_template": template,
         "image": "<|vision_start|>{image_pads}<|vision_end|>",
-        "instruction_think": instruction("{text}", LABELS, think=True),
-        "instruction_answer_only": instruction("{text}", LABELS, think=False),
+        "instruction_think": instruction("{text}", LABELS, think=True, style=style),
+        "instruction_answer_only": instruction("{text}", LABELS, think=False, style=style),
     }
 
 
@@ -226,7 +257,7 @@ def manifest_data(
         "graphs": graphs,
         "tokens": facts.tokens,
         "image_processor": _image_processor(processor, config, options.max_image_tokens),
-        "prompt": _prompt(processor),
+        "prompt": _prompt(processor, options.prompt_style()),
         "labels": list(LABELS),
         "record_format_version": RECORD_FORMAT_VERSION,
         "generation": {

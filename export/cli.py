@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from gmner_rt.errors import InputError
+from gmner_rt.prompt import PROMPT_STYLES
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.onnx exporter (default torchscript: same graphs, faster)",
     )
     parser.add_argument("--name", default=None, help="model name recorded in the manifest")
+    parser.add_argument(
+        "--prompt",
+        choices=PROMPT_STYLES,
+        default=None,
+        help="instruction style written into the bundle (default: the one the checkpoint's "
+        "config.yaml names, else full)",
+    )
     _quant_flags(parser, required=False)
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     merge = sub.add_parser(
@@ -164,6 +172,7 @@ def _export(args: argparse.Namespace) -> int:
             max_image_tokens=args.max_image_tokens,
             verify=args.verify,
             name=args.name,
+            prompt=args.prompt,
         )
     except ValueError as exc:
         raise InputError(f"gmner export: {exc}") from None

@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 
 __all__ = [
+    "PROMPT_STYLES",
     "SYSTEM_PROMPT",
     "assistant_message",
     "instruction",
@@ -32,21 +33,40 @@ _WITH_THINK = (
     "name refers to, then give the results inside <answer></answer>.\n"
 )
 _ANSWER_ONLY = "Give the results inside <answer></answer>.\n"
+_COMPACT = {
+    True: "Named entities ({labels}): reason, then answer.\n",
+    False: "Named entities ({labels}): answer.\n",
+}
+
+#: Instruction wordings. ``full`` describes the task and the record format for a pretrained
+#: model to read (the paper's kind of prompt, the default). ``compact`` is a one-line task
+#: tag for a model trained from scratch on this one task (the embedded demo model): such a
+#: model learns nothing from the wording, and pays for each of its tokens at every step. A
+#: model is trained with one style; its bundle carries that style's text.
+PROMPT_STYLES = ("full", "compact")
 
 
-def instruction(text: str, labels: Sequence[str], *, think: bool = True) -> str:
-    """The user instruction for one tweet."""
-    head = _TASK.format(labels=", ".join(labels)) + (_WITH_THINK if think else _ANSWER_ONLY)
-    return f"{head}\nText: {text}"
+def instruction(
+    text: str, labels: Sequence[str], *, think: bool = True, style: str = "full"
+) -> str:
+    """The user instruction for one tweet, in one of :data:`PROMPT_STYLES`."""
+    if style == "full":
+        head = _TASK.format(labels=", ".join(labels)) + (_WITH_THINK if think else _ANSWER_ONLY)
+        return f"{head}\nText: {text}"
+    if style == "compact":
+        return _COMPACT[think].format(labels=", ".join(labels)) + f"Text: {text}"
+    raise ValueError(f"prompt style: expected one of {PROMPT_STYLES}, got {style!r}")
 
 
-def user_message(image: object, text: str, labels: Sequence[str], *, think: bool = True) -> dict:
+def user_message(
+    image: object, text: str, labels: Sequence[str], *, think: bool = True, style: str = "full"
+) -> dict:
     """A chat ``user`` turn with one image (a path, URL or image object) and the instruction."""
     return {
         "role": "user",
         "content": [
             {"type": "image", "image": image},
-            {"type": "text", "text": instruction(text, labels, think=think)},
+            {"type": "text", "text": instruction(text, labels, think=think, style=style)},
         ],
     }
 

@@ -26,6 +26,8 @@ from gmner.train.tiny_model import PRESETS, build_tiny_model  # noqa: E402
 
 from gmner_rt.backends.onnxruntime import KvLayout, OrtGraphs  # noqa: E402
 from gmner_rt.bundle import load_bundle  # noqa: E402
+from gmner_rt.data import LABELS  # noqa: E402
+from gmner_rt.prompt import instruction  # noqa: E402
 
 
 def _lora_b_norm(adapter: Path) -> float:
@@ -206,10 +208,16 @@ def test_cli_export_and_its_errors(tiny, tmp_path, caplog):
             "--no-verify",
             "--max-image-tokens",
             "16",
+            "--prompt",
+            "compact",
         ]
     )
     assert code == 0
     m = load_bundle(out).manifest
+    assert m.prompt.instruction_think == instruction("{text}", LABELS, style="compact")
+    assert m.prompt.instruction_answer_only == instruction(
+        "{text}", LABELS, think=False, style="compact"
+    )
     assert m.parity["merge"]["kind"] == "base" and "checks" not in m.parity  # not verified
     assert m.image_processor["max_pixels"] == 16 * 28 * 28
     assert m.model.vision.max_image_tokens == 16
@@ -222,3 +230,26 @@ def test_cli_export_and_its_errors(tiny, tmp_path, caplog):
     assert gmner_main(["export", "--out", str(tmp_path / "d")]) == 2
     assert "--model" in caplog.text
     assert not (tmp_path / "c").exists() and not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_bundle_prompt_follows_the_training_config(adapter, tmp_path):
+    """Without --prompt the bundle is written in the style the checkpoint was trained with:
+    its config.yaml, or the run folder's two levels up; a bad value names the file."""
+    from gmner.export.build import trained_prompt_style
+    from gmner.train.config import load_config, save_config
+
+    assert trained_prompt_style(None) == "full"
+    assert trained_prompt_style(adapter) == "full"  # the fixture trained with the default
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000003"
+    ckpt.mkdir(parents=True)
+    assert trained_prompt_style(ckpt) == "full"  # no config anywhere
+    save_config(load_config(None, {"data.prompt": "compact"}), tmp_path / "run" / "config.yaml")
+    assert trained_prompt_style(ckpt) == "compact"
+    options = BundleOptions(model=tmp_path, adapter=ckpt, out=tmp_path / "b")
+    assert options.prompt_style() == "compact"
+    assert replace(options, prompt="full").prompt_style() == "full"
+    (ckpt / "config.yaml").write_text("data:\n  prompt: terse\n")
+    with pytest.raises(ValueError, match=r"config.yaml: data.prompt 'terse'"):
+        trained_prompt_style(ckpt)
+    with pytest.raises(ValueError, match="prompt: expected one of"):
+        BundleOptions(model=tmp_path, adapter=None, out=tmp_path / "c", prompt="terse")

@@ -355,3 +355,20 @@ def test_cli_writes_a_loadable_directory(tmp_path):
     processor = load_processor(out)
     assert processor.tokenizer.convert_tokens_to_ids("<think>") is not None
     assert main(["tiny-model", "--out", str(out)]) == 2  # not empty: refused, no traceback
+
+
+def test_prompt_styles():
+    from gmner_rt.prompt import PROMPT_STYLES, instruction
+
+    labels = ("PER", "LOC", "ORG", "OTHER")
+    texts = {
+        (style, think): instruction("Zentro meets {x}", labels, think=think, style=style)
+        for style in PROMPT_STYLES
+        for think in (True, False)
+    }
+    assert len(set(texts.values())) == 4  # every style and mode words it differently
+    for text in texts.values():
+        assert text.endswith("\nText: Zentro meets {x}") and "PER, LOC, ORG, OTHER" in text
+    assert len(texts["compact", True]) < len(texts["full", True]) / 5
+    with pytest.raises(ValueError, match="prompt style"):
+        instruction("x", labels, style="short")

@@ -251,3 +251,58 @@ def test_vision_tower_trains_at_its_own_rate(tiny, images, tmp_path):
     assert len(make_optimizer(model, frozen, total_steps=10)[0].param_groups) == 1
     with pytest.raises(ValueError, match="optim.vision_lr_scale"):
         load_config(None, {"optim.vision_lr_scale": 0})
+
+
+def test_compact_prompt_reaches_examples_and_generation_prompts(tiny, images, tmp_path):
+    """``data.prompt`` picks the instruction's wording for training examples and for the
+    prompts that evaluation generates from; a bad value names the flag."""
+    from gmner.train.dataset import prompt_example
+
+    full = _cfg(tiny, images, tmp_path)
+    compact = _cfg(tiny, images, tmp_path, **{"data.prompt": "compact"})
+    _, processor = load_model_and_processor(tiny, min_pixels=56 * 56, max_pixels=224 * 224)
+    row = _grounded_row(load_rows(full)["train"])
+    lengths = {}
+    for cfg in (full, compact):
+        example = encode_example(processor, row, example_settings(cfg), epoch=None, index=0)
+        prompt = prompt_example(processor, row, cfg.data.use_cot, cfg.data.prompt)
+        n = int((example["labels"] == IGNORE_INDEX).sum())
+        # the training example's prompt is exactly the generation prompt
+        assert torch.equal(example["input_ids"][:n], prompt["input_ids"])
+        text = processor.tokenizer.decode(prompt["input_ids"])
+        assert f"Text: {row['text']}" in text
+        lengths[cfg.data.prompt] = n
+        assert ("Perform grounded multimodal" in text) == (cfg.data.prompt == "full")
+    assert lengths["compact"] < lengths["full"]
+    with pytest.raises(ValueError, match="data.prompt"):
+        load_config(None, {"data.prompt": "terse"})
+
+
+def test_metrics_log_tokens_per_step(tiny, images, tmp_path):
+    cfg = _cfg(tiny, images, tmp_path, **{"optim.max_steps": 2})
+    train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "tokens" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    # every step runs grad_accum batches of batch_size examples, each longer than its image
+    assert all(r["tokens"] > 4 * 16 for r in steps)
+    assert all(r["tokens_per_s"] == pytest.approx(r["tokens"] / r["step_time_s"]) for r in steps)
+    assert all("peak_gpu_gib" not in r for r in steps)  # CPU run
+
+
+def test_real_scale_summary_and_its_cpu_refusal(tmp_path, monkeypatch):
+    from gmner.train import real_scale
+
+    rows = [
+        {"step_time_s": 4.0, "tokens": 100, "peak_gpu_gib": 3.0, "loss": 2.0},
+        {"step_time_s": 1.0, "tokens": 300, "peak_gpu_gib": 5.0, "loss": 1.5},
+        {"step_time_s": 3.0, "tokens": 300, "peak_gpu_gib": 4.0, "loss": 1.0},
+    ]
+    summary = real_scale._summary(rows, warmup=1)
+    assert summary["tokens_per_s"] == pytest.approx(600 / 4.0)  # step 1 left out
+    assert summary["step_time_s_median"] == 2.0 and summary["timed_steps"] == 2
+    assert summary["peak_gpu_gib"] == 5.0 and summary["first_step_s"] == 4.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        real_scale.main(["--work", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # nothing built or written

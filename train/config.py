@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from gmner_rt.prompt import PROMPT_STYLES
+
 from .augment import GRBPConfig
 from .sft import PAPER_MAX_PIXELS, PAPER_MIN_PIXELS
 
@@ -175,6 +177,10 @@ class DataConfig:
         train_split / dev_split / test_split: split names ('' skips dev or test).
         limit: use only the first N tweets of each split (0: all), for smoke runs.
         skip_missing_images: leave out tweets whose image is missing.
+        prompt: instruction wording, one of :data:`gmner_rt.prompt.PROMPT_STYLES`: ``full``
+            (the default, for pretrained models) or ``compact`` (a one-line task tag, for a
+            model trained from scratch on this task). ``gmner export`` writes the style the
+            checkpoint was trained with into the bundle.
     """
 
     dir: str = ""
@@ -186,9 +192,16 @@ class DataConfig:
     test_split: str = "test"
     limit: int = 0
     skip_missing_images: bool = False
+    prompt: str = "full"
 
     def __post_init__(self) -> None:
         _check(self.limit >= 0, "data.limit", "must be >= 0", self.limit)
+        _check(
+            self.prompt in PROMPT_STYLES,
+            "data.prompt",
+            f"must be one of {PROMPT_STYLES}",
+            self.prompt,
+        )
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gmner_rt.data import available_splits, load_split, split_stats
 from gmner_rt.errors import DataError, InputError
+from gmner_rt.prompt import PROMPT_STYLES
 
 from .sft import PAPER_MAX_PIXELS, PAPER_MIN_PIXELS, SftConfig, write_sft
 
@@ -47,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sft.add_argument("--min-pixels", type=int, default=PAPER_MIN_PIXELS)
     sft.add_argument("--max-pixels", type=int, default=PAPER_MAX_PIXELS)
+    sft.add_argument(
+        "--prompt",
+        choices=PROMPT_STYLES,
+        default="full",
+        help="instruction wording (default full; compact: a one-line task tag)",
+    )
     sft.add_argument(
         "--skip-missing-images",
         action="store_true",
@@ -118,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
         skip_missing_images=args.skip_missing_images,
+        prompt=args.prompt,
     )
     splits = args.splits or available_splits(args.dir)
     if not splits:

@@ -43,6 +43,7 @@ class ExampleSettings:
         max_length: token limit; longer examples lose the end of their target (logged).
         grbp: box perturbation, applied to training examples only.
         seed: GRBP seed.
+        prompt: instruction wording, one of :data:`gmner_rt.prompt.PROMPT_STYLES`.
     """
 
     min_pixels: int
@@ -51,6 +52,7 @@ class ExampleSettings:
     max_length: int
     grbp: GRBPConfig
     seed: int
+    prompt: str = "full"
 
 
 def row_records(row: dict) -> tuple[EntityRecord, ...]:
@@ -68,10 +70,12 @@ def load_image(path: str) -> Image.Image:
     return to_rgb(path)
 
 
-def prompt_messages(row: dict, image: Image.Image, use_cot: bool) -> list[dict]:
+def prompt_messages(
+    row: dict, image: Image.Image, use_cot: bool, style: str = "full"
+) -> list[dict]:
     return [
         {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
-        user_message(image, row["text"], LABELS, think=use_cot),
+        user_message(image, row["text"], LABELS, think=use_cot, style=style),
     ]
 
 
@@ -89,10 +93,12 @@ def target_text(row: dict, settings: ExampleSettings, epoch: int | None, index: 
     return format_answer(records, think=think or None)
 
 
-def encode_prompt(processor, row: dict, image: Image.Image, use_cot: bool) -> dict:
+def encode_prompt(
+    processor, row: dict, image: Image.Image, use_cot: bool, style: str = "full"
+) -> dict:
     """Token ids (image pads expanded), pixel values and grid of the prompt."""
     text = processor.apply_chat_template(
-        prompt_messages(row, image, use_cot), tokenize=False, add_generation_prompt=True
+        prompt_messages(row, image, use_cot, style), tokenize=False, add_generation_prompt=True
     )
     return processor(text=[text], images=[image], return_tensors="pt")
 
@@ -102,7 +108,7 @@ def encode_example(
 ) -> dict:
     """One example: input ids, labels (assistant turn only) and image tensors."""
     image = load_image(row["images"][0])
-    prompt = encode_prompt(processor, row, image, settings.use_cot)
+    prompt = encode_prompt(processor, row, image, settings.use_cot, settings.prompt)
     target = target_text(row, settings, epoch, index) + END_OF_TURN
     target_ids = processor.tokenizer(target, add_special_tokens=False, return_tensors="pt")
     target_ids = target_ids["input_ids"][0]
@@ -162,10 +168,10 @@ def collate(examples: Sequence[dict], pad_id: int, *, left: bool = False) -> dic
     return batch
 
 
-def prompt_example(processor, row: dict, use_cot: bool) -> dict:
+def prompt_example(processor, row: dict, use_cot: bool, style: str = "full") -> dict:
     """The prompt alone, for generation."""
     image = load_image(row["images"][0])
-    prompt = encode_prompt(processor, row, image, use_cot)
+    prompt = encode_prompt(processor, row, image, use_cot, style)
     example = {
         "input_ids": prompt["input_ids"][0],
         "pixel_values": prompt["pixel_values"],

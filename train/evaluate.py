@@ -45,7 +45,9 @@ def generate_outputs(
     outputs: dict[str, str] = {}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        examples = [prompt_example(processor, row, settings.use_cot) for row in chunk]
+        examples = [
+            prompt_example(processor, row, settings.use_cot, settings.prompt) for row in chunk
+        ]
         batch = _to_device(collate(examples, tok.pad_token_id, left=True), device)
         generated = model.generate(
             **batch,

@@ -72,6 +72,7 @@ def load_rows(cfg: TrainConfig) -> dict[str, list[dict]]:
         min_pixels=cfg.model.min_pixels,
         max_pixels=cfg.model.max_pixels,
         skip_missing_images=cfg.data.skip_missing_images,
+        prompt=cfg.data.prompt,
     )
     cot = load_cot(cfg.data.cot) if cfg.data.use_cot and cfg.data.cot else None
     rows: dict[str, list[dict]] = {}
@@ -253,6 +254,7 @@ def example_settings(cfg: TrainConfig) -> ExampleSettings:
         max_length=cfg.optim.max_length,
         grbp=cfg.grbp,
         seed=cfg.optim.seed,
+        prompt=cfg.data.prompt,
     )
 
 
@@ -350,7 +352,7 @@ def train(
         while pos.batch < len(batches) and pos.step < total:
             model.train()
             group = batches[pos.batch : pos.batch + cfg.optim.grad_accum]
-            running = 0.0
+            running, tokens = 0.0, 0
             for idx in group:
                 examples = [
                     encode_example(
@@ -359,6 +361,7 @@ def train(
                     for i in idx
                 ]
                 batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+                tokens += int(batch["attention_mask"].sum())
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = model(**batch).loss / len(group)
                 loss.backward()
@@ -376,17 +379,7 @@ def train(
             pos.losses.append(running)
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}")
-            _log_metrics(
-                run,
-                {
-                    "step": pos.step,
-                    "epoch": pos.epoch,
-                    "loss": running,
-                    "lr": lr,
-                    "step_time_s": time.perf_counter() - t0,
-                },
-                writer,
-            )
+            _log_metrics(run, _step_row(pos, running, lr, tokens, t0, device), writer)
             t0 = time.perf_counter()
             if cfg.output.save_every and pos.step % cfg.output.save_every == 0:
                 save_checkpoint(run, model, processor, opt, sched, pos, cfg)
@@ -402,6 +395,27 @@ def train(
     bar.close()
     _final_test(model, processor, rows, cfg, run, pos, writer)
     return pos
+
+
+def _step_row(pos: Position, loss: float, lr: float, tokens: int, t0: float, device) -> dict:
+    """The metrics log's row for one optimizer step: loss, learning rate, time, tokens (the
+    batches' non-padding tokens, image tokens included) and, on CUDA, the peak memory that
+    torch has allocated since the start."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    row = {
+        "step": pos.step,
+        "epoch": pos.epoch,
+        "loss": loss,
+        "lr": lr,
+        "step_time_s": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+    }
+    if device.type == "cuda":
+        row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
 
 
 def _final_test(model, processor, rows, cfg, run, pos, writer) -> None:

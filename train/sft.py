@@ -28,7 +28,7 @@ from gmner_rt.errors import DataError, InputError
 from gmner_rt.geometry import ImageGeometry
 from gmner_rt.images import image_size
 from gmner_rt.predictions import iter_json_objects
-from gmner_rt.prompt import assistant_message, user_message
+from gmner_rt.prompt import PROMPT_STYLES, assistant_message, user_message
 from gmner_rt.records import RECORD_FORMAT_VERSION, EntityRecord, format_answer
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class SftConfig:
         max_pixels: largest image area the model sees (``--max-pixels``).
         skip_missing_images: drop tweets whose image is missing instead of failing.
         labels: the entity types named in the instruction.
+        prompt: instruction wording (:data:`gmner_rt.prompt.PROMPT_STYLES`).
     """
 
     image_dirs: tuple[Path, ...]
@@ -56,8 +57,11 @@ class SftConfig:
     max_pixels: int = PAPER_MAX_PIXELS
     skip_missing_images: bool = False
     labels: tuple[str, ...] = LABELS
+    prompt: str = "full"
 
     def __post_init__(self) -> None:
+        if self.prompt not in PROMPT_STYLES:
+            raise InputError(f"--prompt: expected one of {PROMPT_STYLES}, got {self.prompt!r}")
         if not self.image_dirs:
             raise InputError("--images: give at least one image folder")
         missing = [str(d) for d in self.image_dirs if not Path(d).is_dir()]
@@ -130,7 +134,9 @@ def sft_row(
     return {
         "id": tweet.img_id,
         "messages": [
-            user_message(str(image_path), tweet.text, cfg.labels, think=with_think_prompt),
+            user_message(
+                str(image_path), tweet.text, cfg.labels, think=with_think_prompt, style=cfg.prompt
+            ),
             assistant_message(target),
         ],
         "images": [str(image_path)],

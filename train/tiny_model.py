@@ -175,11 +175,12 @@ class Preset:
 def _demo_corpus() -> str:
     """The demo task's text for the demo tokenizer: its instruction and synthetic words."""
     from gmner_rt.data import LABELS
-    from gmner_rt.prompt import instruction
+    from gmner_rt.prompt import PROMPT_STYLES, instruction
 
     from .synth import corpus_text
 
-    return instruction("", LABELS) + "\n" + corpus_text()
+    styles = "\n".join(instruction("", LABELS, style=s) for s in PROMPT_STYLES)
+    return styles + "\n" + corpus_text()
 
 
 #: ``tiny`` for tests (about 0.5 M parameters); ``bench-small`` has Qwen2.5-0.5B's text dims.
