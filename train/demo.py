@@ -29,6 +29,9 @@ DEMO_RECIPE: dict[str, object] = {
     "model.min_pixels": 56 * 56,
     "model.max_pixels": 168 * 168,
     "model.device": "cpu",
+    # a one-line instruction: the demo model is trained from scratch and reads nothing in the
+    # wording, and the full one was 43 % of each training sequence (296 -> 169 tokens)
+    "data.prompt": "compact",
     "optim.batch_size": 8,
     "optim.grad_accum": 1,
     "optim.epochs": 8,
