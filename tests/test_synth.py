@@ -294,9 +294,9 @@ def test_reasoning_lists_the_glyphs_by_colour_then_places_each_mention():
     ]
     assert think_text(tweet, boxes, grid=3) == (
         "Glyphs: red southeast, orange north west, green northwest. "
-        "Theo Brandt (person): orange north west, Theo Brandt north west. "
-        "Sunvale (place): cyan nowhere, Sunvale nowhere. "
-        "Zentro (organisation): red southeast, Zentro southeast."
+        "Theo Brandt (person): orange north west, Theo Brandt|PER| north west. "
+        "Sunvale (place): cyan nowhere, Sunvale|LOC| nowhere. "
+        "Zentro (organisation): red southeast, Zentro|ORG| southeast."
     )
     assert think_text(tweet, [], grid=3).startswith("Glyphs: none. Theo Brandt (person): orange")
 
