@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from gmner.train.config import checkpoint_config, load_config
 
 from gmner_rt.bundle import TOKENIZER_NAME, file_entry, load_bundle, write_manifest
 from gmner_rt.data import LABELS
@@ -85,21 +86,15 @@ class BundleOptions:
 
 
 def trained_prompt_style(adapter: Path | None) -> str:
-    """The ``data.prompt`` of the training config saved with ``adapter`` (``config.yaml`` in
-    the checkpoint, or in its run folder two levels up); ``full`` when there is none."""
-    if adapter is None:
+    """The ``data.prompt`` of the training config saved with ``adapter``
+    (:func:`gmner.train.config.checkpoint_config`); ``full`` when there is none."""
+    path = checkpoint_config(adapter)
+    if path is None:
         return "full"
-    for path in (adapter / "config.yaml", adapter.parent.parent / "config.yaml"):
-        if path.is_file():
-            try:
-                tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as exc:
-                raise ValueError(f"{path}: not valid YAML ({exc})") from exc
-            style = (tree.get("data") or {}).get("prompt", "full")
-            if style not in PROMPT_STYLES:
-                raise ValueError(f"{path}: data.prompt {style!r} is not one of {PROMPT_STYLES}")
-            return style
-    return "full"
+    try:
+        return load_config(path).data.prompt
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
 
 
 def _versions() -> dict[str, str | None]:

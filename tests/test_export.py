@@ -249,7 +249,7 @@ def test_bundle_prompt_follows_the_training_config(adapter, tmp_path):
     assert options.prompt_style() == "compact"
     assert replace(options, prompt="full").prompt_style() == "full"
     (ckpt / "config.yaml").write_text("data:\n  prompt: terse\n")
-    with pytest.raises(ValueError, match=r"config.yaml: data.prompt 'terse'"):
+    with pytest.raises(ValueError, match=r"config.yaml: --data.prompt must be one of .*'terse'"):
         trained_prompt_style(ckpt)
     with pytest.raises(ValueError, match="prompt: expected one of"):
         BundleOptions(model=tmp_path, adapter=None, out=tmp_path / "c", prompt="terse")

@@ -23,7 +23,14 @@ from gmner_rt.prompt import PROMPT_STYLES
 from .augment import GRBPConfig
 from .sft import PAPER_MAX_PIXELS, PAPER_MIN_PIXELS
 
-__all__ = ["TrainConfig", "add_config_flags", "config_from_args", "load_config", "save_config"]
+__all__ = [
+    "TrainConfig",
+    "add_config_flags",
+    "checkpoint_config",
+    "config_from_args",
+    "load_config",
+    "save_config",
+]
 
 #: LoRA targets: the language model's attention and MLP projections only (a plain name list
 #: would also hit the vision tower's MLP).
@@ -312,6 +319,18 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             node = node.setdefault(part, {})
         node[leaf] = value
     return _build(TrainConfig, tree)
+
+
+def checkpoint_config(checkpoint: str | Path | None) -> Path | None:
+    """The training config saved with a checkpoint: its own ``config.yaml``, else its run
+    folder's (``RUN/checkpoints/step-N`` -> ``RUN/config.yaml``); None when there is none."""
+    if checkpoint is None:
+        return None
+    checkpoint = Path(checkpoint)
+    for path in (checkpoint / "config.yaml", checkpoint.parent.parent / "config.yaml"):
+        if path.is_file():
+            return path
+    return None
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -126,15 +126,12 @@ def evaluate_checkpoint(
     """Generate and score a base model (+ adapter) on one split; predictions to ``pred_path``."""
     from gmner_rt.data import load_split
 
-    from .config import load_config
+    from .config import checkpoint_config, load_config
     from .loop import example_settings, resolve_device
     from .modeling import load_model_and_processor
     from .sft import SftConfig, build_rows
 
-    cfg_file = adapter_dir / "config.yaml" if adapter_dir is not None else None
-    if cfg_file is not None and not cfg_file.is_file():
-        cfg_file = adapter_dir.parent.parent / "config.yaml"  # checkpoints/step-N -> run
-    cfg = load_config(cfg_file if cfg_file is not None and cfg_file.is_file() else None)
+    cfg = load_config(checkpoint_config(adapter_dir))
     dev = resolve_device(device)
     model, processor = load_model_and_processor(
         model_dir, device=str(dev), min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels
