@@ -360,8 +360,8 @@ def train(
                     )
                     for i in idx
                 ]
+                tokens += sum(len(e["input_ids"]) for e in examples)  # counted on the host
                 batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-                tokens += int(batch["attention_mask"].sum())
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = model(**batch).loss / len(group)
                 loss.backward()
