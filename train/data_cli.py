@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--demo",
         action="store_true",
         help="the embedded default model's data (gmner demo --retrain): 336 x 336 images, "
-        "3 x 3 grid, a tint per cell, 3000 train tweets; --seed and the split sizes still apply",
+        "3 x 3 grid, a tint per cell, 24000 train tweets; --seed and the split sizes still apply",
     )
 
 

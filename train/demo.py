@@ -34,7 +34,10 @@ DEMO_RECIPE: dict[str, object] = {
     "data.prompt": "compact",
     "optim.batch_size": 8,
     "optim.grad_accum": 1,
-    "optim.epochs": 8,
+    # one pass over many tweets (DEMO_TRAIN): the same 3,000 steps learn more from fresh
+    # images than from eight passes over 3,000 (dev GMNER F1, two trainer seeds each:
+    # 98.3 / 90.3 against 80.3 / 66.7)
+    "optim.epochs": 1,
     "optim.lr": 3e-3,
     # the tower is trained from scratch: at the full rate its output grows into a large
     # constant that carries nothing of the image, and the decoder learns to ignore it
@@ -44,8 +47,8 @@ DEMO_RECIPE: dict[str, object] = {
     # here; the exported bundle is scored on the test split at the end
     "eval.enabled": False,
 }
-#: Train-split tweets of the demo data (dev and test keep SynthConfig's 150).
-DEMO_TRAIN = 3000
+#: Train-split tweets of the demo data (dev and test keep SynthConfig's 150), seen once each.
+DEMO_TRAIN = 24000
 #: Shipped example pairs: test-split tweets with at least this many entities.
 EXAMPLE_COUNT = 4
 
