@@ -17,7 +17,7 @@ import platform
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -236,7 +236,7 @@ def manifest_data(
     return {
         "format": "gmner-bundle",
         "format_version": 1,
-        "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "model": _model_info(config, options),
         "kv_cache": {
             "layout": ["batch", "kv_heads", "sequence", "head_dim"],

@@ -1,8 +1,10 @@
 """``gmner export``: write a verified bundle; ``gmner export merge``: write a merged model;
-``gmner export quantize``: write an existing bundle with its decoder quantized.
+``gmner export quantize``: write an existing bundle with its decoder quantized; ``gmner export
+engine``: build TensorRT engines for a bundle on the GPU that runs this.
 
 Thin argument parsing over :func:`gmner.export.build.export_bundle`,
-:func:`gmner.export.merge.merge` and :func:`gmner.export.quantized_bundle.quantize_bundle`;
+:func:`gmner.export.merge.merge`, :func:`gmner.export.quantized_bundle.quantize_bundle` and
+:func:`gmner.export.engine.build_engines`;
 every check lives there.
 """
 
@@ -131,6 +133,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "input ranks and types); exit 1 when there is one.",
     )
     trt_check.add_argument("--bundle", type=Path, required=True, help="the bundle to check")
+    _engine_parser(sub)
+
+
+def _engine_parser(sub) -> None:
+    engine = sub.add_parser(
+        "engine",
+        help="build TensorRT engines for a bundle on this GPU (onnxruntime's TensorRT EP)",
+        description="Build TensorRT engines for the bundle's three graphs on the GPU this runs "
+        "on, through onnxruntime's TensorRT execution provider, with optimization profiles "
+        "from the bundle and the limits below; store them as EP-context models in "
+        "BUNDLE/engines/NAME/ and record them in the manifest. The runtime uses them only on "
+        "the same GPU architecture with the same TensorRT and onnxruntime versions.",
+    )
+    engine.add_argument("--bundle", type=Path, required=True, help="the fp16 or fp32 bundle")
+    engine.add_argument("--max-batch", type=int, help="pairs decoded together (default 1)")
+    engine.add_argument(
+        "--max-context",
+        type=int,
+        help="prompt + image tokens + new tokens per row (default: the image tokens + 512 + "
+        "the bundle's generation budget)",
+    )
+    engine.add_argument(
+        "--max-image-tokens",
+        type=int,
+        help="merged image tokens per image (default: all the bundle's max_pixels gives)",
+    )
+    engine.add_argument("--device-id", type=int, default=0, help="CUDA device (default 0)")
+    engine.add_argument(
+        "--precision",
+        choices=("fp16", "fp32"),
+        help="TensorRT kernels (default: fp16 for an fp16 bundle, else fp32)",
+    )
+    engine.add_argument(
+        "--check-tokens",
+        type=int,
+        default=16,
+        help="greedy tokens compared with the CPU graphs after the build, 0: none (default 16)",
+    )
+    engine.add_argument("--replace", action="store_true", help="replace a set of the same name")
+    engine.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the set's name, limits and provider options as JSON; build nothing",
+    )
 
 
 _QUANT_FLAGS = {
@@ -205,7 +251,32 @@ def _trt_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from .engine import EngineBuild, build_engines, describe
+
+    config = EngineBuild(
+        bundle=args.bundle,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        max_image_tokens=args.max_image_tokens,
+        device_id=args.device_id,
+        precision=args.precision,
+        replace=args.replace,
+        check_tokens=args.check_tokens,
+    )
+    if args.dry_run:
+        sys.stdout.write(json.dumps(describe(config), indent=2) + "\n")
+        return 0
+    build_engines(config)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.action == "engine":
+        return _engine(args)
     if args.action == "quantize":
         return _quantize(args)
     if args.action == "trt-check":

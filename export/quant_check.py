@@ -160,7 +160,7 @@ def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
 def check_quantized(source: Bundle, decoder: Path, scheme: str) -> QuantReport:
     """Measure ``decoder`` (a quantized decoder graph) against ``source``'s fp decoder on CPU;
     raise :class:`QuantCheckError` when its logits are not finite."""
-    fp = OrtGraphs.from_bundle(source, providers=["CPUExecutionProvider"])
+    fp = OrtGraphs.from_bundle(source)  # the CPU
     files = {name: source.file(spec.file) for name, spec in source.manifest.graphs.items()}
     quant = OrtGraphs({**files, "decoder": decoder}, fp.kv, providers=["CPUExecutionProvider"])
     extractor = Extractor(source, fp)

@@ -15,7 +15,7 @@ import importlib.metadata
 import logging
 import shutil
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from gmner_rt.bundle import file_entry, load_bundle, manifest_to_dict, write_manifest
@@ -46,8 +46,9 @@ def quantize_bundle(src: Path, out: Path, settings: QuantSettings, *, verify: bo
     tmp = staging_dir(Path(out))
     try:
         decoder = m.graphs["decoder"]
+        engine_dirs = tuple(e.dir + "/" for e in m.engines)  # built for the fp decoder: left out
         for name in m.files:
-            if name not in (decoder.file, decoder.data_file):
+            if name not in (decoder.file, decoder.data_file) and not name.startswith(engine_dirs):
                 shutil.copy2(source.file(name), tmp / name)
         facts = quantize_decoder(source.file(decoder.file), tmp / decoder.file, settings)
         data_file = facts.pop("data_file")
@@ -57,7 +58,8 @@ def quantize_bundle(src: Path, out: Path, settings: QuantSettings, *, verify: bo
 
             report = check_quantized(source, tmp / decoder.file, settings.scheme)
         data = manifest_to_dict(m)
-        data["created_utc"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        data.pop("engines", None)
+        data["created_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         data["graphs"]["decoder"]["data_file"] = data_file
         data["files"] = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         data["quantization"] = {

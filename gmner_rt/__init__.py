@@ -6,18 +6,22 @@
     for entity in result.records:
         print(entity.mention, entity.type, entity.boxes)
 
-It depends on numpy, pillow, tokenizers and onnxruntime only; it never imports torch,
-transformers, or gmner's training and export packages.
+It depends on numpy, pillow, tokenizers and onnxruntime only (any one build of it: the CPU
+``onnxruntime``, ``onnxruntime-gpu``, or a Jetson wheel); it never imports torch,
+transformers, or gmner's training and export packages. ``load(bundle, provider="cuda")`` picks
+the execution provider (see :mod:`gmner_rt.providers`).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import BackendError, BundleError, DataError, GmnerError, InputError
 from .extractor import Entity, Extraction, Extractor, load
+from .providers import PROVIDERS, requested
 from .records import EntityRecord, ParsedOutput, format_answer, parse_output
 from .vision import ImageInput
 
@@ -33,6 +37,7 @@ __all__ = [
     "Extractor",
     "GmnerError",
     "InputError",
+    "PROVIDERS",
     "ParsedOutput",
     "__version__",
     "extract",
@@ -41,7 +46,7 @@ __all__ = [
     "parse_output",
 ]
 
-_EXTRACTORS: dict[tuple[str, tuple[str, ...] | None], Extractor] = {}
+_EXTRACTORS: dict[tuple, Extractor] = {}
 _LOCK = threading.Lock()
 
 
@@ -50,17 +55,31 @@ def extract(
     text: str,
     *,
     bundle: str | Path | None = None,
+    provider: str | None = None,
+    provider_options: Mapping[str, Any] | None = None,
+    device_id: int = 0,
     providers: Sequence[str] | None = None,
     **options,
 ) -> Extraction:
-    """``load(bundle).extract(image, text, **options)``, with the extractor cached per bundle
-    (and providers), so repeated calls load the model once."""
+    """``load(bundle, provider=...).extract(image, text, **options)``, with the extractor
+    cached per bundle, provider, provider options and device, so repeated calls load the
+    model once. ``provider=None`` reads ``GMNER_PROVIDER`` at every call."""
+    resolved = requested(provider) if providers is None else None
     key = (
         str(Path(bundle).resolve()) if bundle is not None else "",
+        resolved,
+        tuple(sorted((str(k), str(v)) for k, v in (provider_options or {}).items())),
+        device_id,
         tuple(providers) if providers is not None else None,
     )
     with _LOCK:
         extractor = _EXTRACTORS.get(key)
         if extractor is None:
-            extractor = _EXTRACTORS[key] = load(bundle, providers=providers)
+            extractor = _EXTRACTORS[key] = load(
+                bundle,
+                provider=resolved,
+                provider_options=provider_options,
+                device_id=device_id,
+                providers=providers,
+            )
     return extractor.extract(image, text, **options)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -32,7 +33,8 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "GRAPH_NAMES", "MANIFEST_NAME", "TOKENIZE
 __all__ += ["SUPPORTED_FORMAT_VERSIONS", "Bundle", "FileEntry", "GenerationSpec", "GraphSpec"]
 __all__ += ["KvCacheSpec", "Manifest", "ModelInfo", "PromptSpec", "QUANT_SCHEMES"]
 __all__ += ["QuantizationSpec", "TensorSpec", "TextConfig", "TokenIds", "VisionConfig"]
-__all__ += ["file_entry", "load_bundle", "manifest_to_dict"]
+__all__ += ["EngineLimits", "EngineSet", "ShapeRange", "ENGINE_PRECISIONS"]
+__all__ += ["engine_set_to_dict", "file_entry", "load_bundle", "manifest_to_dict"]
 __all__ += ["parse_manifest", "write_manifest"]
 
 FORMAT = "gmner-bundle"
@@ -71,6 +73,10 @@ _IMAGE_KEYS += ("max_pixels", "image_mean", "image_std", "rescale_factor", "resa
 _IMAGE_VS_VISION = {"patch_size": "patch_size", "merge_size": "spatial_merge_size"}
 _IMAGE_VS_VISION["temporal_patch_size"] = "temporal_patch_size"
 _CHUNK = 1 << 20
+#: Precisions an engine set is built in.
+ENGINE_PRECISIONS = ("fp32", "fp16")
+_ENGINE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_COMPUTE_CAPABILITY = re.compile(r"[0-9]+\.[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -234,6 +240,64 @@ class QuantizationSpec:
 
 
 @dataclass(frozen=True)
+class EngineLimits:
+    """The shape limits TensorRT engines are built for; requests must stay inside them.
+
+    Attributes:
+        max_batch: pairs decoded together.
+        max_context: prompt (image tokens included) + generated tokens, per row.
+        max_image_tokens: merged image tokens per image.
+    """
+
+    max_batch: int
+    max_context: int
+    max_image_tokens: int
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """One input's optimization profile: its smallest, optimal and largest shapes."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EngineSet:
+    """TensorRT engines of the three graphs, built on one kind of GPU (``gmner export engine``)
+    and stored as onnxruntime EP-context models in the folder ``dir`` of the bundle.
+
+    Attributes:
+        name: the folder's name, which carries the build profile.
+        dir: the folder, relative to the bundle.
+        device_name: the GPU that built them ("NVIDIA H100 80GB HBM3", "Orin").
+        compute_capability: its architecture, "major.minor"; engines run only on it.
+        tensorrt: the TensorRT version that built them; engines run only with it.
+        onnxruntime: the onnxruntime version that wrote the EP-context models.
+        precision: "fp16" or "fp32" (TensorRT's kernels).
+        limits: the limits of the profiles.
+        graphs: graph name -> its EP-context model (a file listed in ``files``).
+        profiles: graph name -> input name -> the profile it was built with.
+        created_utc: build time.
+        check: free-form: the build's check against the ONNX graphs on the CPU, or None.
+    """
+
+    name: str
+    dir: str
+    device_name: str
+    compute_capability: str
+    tensorrt: str
+    onnxruntime: str
+    precision: str
+    limits: EngineLimits
+    graphs: dict[str, str]
+    profiles: dict[str, dict[str, ShapeRange]]
+    created_utc: str
+    check: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
 class FileEntry:
     """Size in bytes and lowercase hex sha256 of one bundle file."""
 
@@ -260,6 +324,7 @@ class Manifest:
     exporter: dict[str, str | None]  # free-form: package versions
     parity: dict[str, Any] | None  # free-form: the export-time parity report
     quantization: QuantizationSpec | None  # optional; None when the graphs are not quantized
+    engines: tuple[EngineSet, ...]  # optional; () when no TensorRT engines were built
     extra: dict[str, Any]  # unknown top-level keys, kept for newer readers
 
 
@@ -565,6 +630,118 @@ def _accuracy(f: _Fields) -> dict[str, float] | None:
     return {key: figures.value(key, "number") for key in figures.data}
 
 
+def _engine_limits(f: _Fields, image_tokens: int) -> EngineLimits:
+    limits = EngineLimits(**_read(f, EngineLimits))
+    f.check(
+        limits.max_image_tokens <= image_tokens,
+        "max_image_tokens",
+        f"{limits.max_image_tokens} exceeds the {image_tokens} image tokens max_pixels allows",
+    )
+    f.check(
+        limits.max_context > limits.max_image_tokens, "max_context", "not above the image tokens"
+    )
+    return limits
+
+
+def _shape_range(f: _Fields, declared: TensorSpec) -> ShapeRange:
+    rank = len(declared.shape)
+    bounds = [f.list_(key, "int0", length=rank) for key in ("min", "opt", "max")]
+    for axis, dim in enumerate(declared.shape):
+        low, opt, high = (b[axis] for b in bounds)
+        f.check(
+            low <= opt <= high,
+            "opt",
+            f"axis {axis}: expected min <= opt <= max, got {low}, {opt}, {high}",
+        )
+        if isinstance(dim, int):
+            f.check(low == high == dim, "max", f"axis {axis} is fixed at {dim} in the graph")
+    return ShapeRange(*bounds)
+
+
+def _engine_profiles(f: _Fields, graphs: dict[str, GraphSpec]) -> dict[str, dict[str, ShapeRange]]:
+    out = {}
+    for name in f.data:
+        f.check(name in graphs, name, f"expected one of {', '.join(GRAPH_NAMES)}")
+        g = f.section(name, None)
+        inputs = {t.name: t for t in graphs[name].inputs}
+        out[name] = {}
+        for tensor in g.data:
+            g.check(tensor in inputs, tensor, f"{graphs[name].file} has no input {tensor!r}")
+            out[name][tensor] = _shape_range(
+                g.section(tensor, ("min", "opt", "max")), inputs[tensor]
+            )
+    return out
+
+
+def _engine_set(
+    f: _Fields, graphs: dict[str, GraphSpec], files: dict[str, FileEntry], image_tokens: int
+) -> EngineSet:
+    name, folder = f.value("name", "str"), f.value("dir", "str")
+    f.check(
+        bool(_ENGINE_NAME.fullmatch(name)) and name not in (".", ".."),
+        "name",
+        f"{name!r} is not a plain folder name",
+    )
+    f.check(_path_problem(folder) is None, "dir", f"{folder!r} {_path_problem(folder)}")
+    device = f.section("device", ("name", "compute_capability"))
+    cc = device.value("compute_capability", "str")
+    device.check(
+        bool(_COMPUTE_CAPABILITY.fullmatch(cc)),
+        "compute_capability",
+        f"expected major.minor, got {cc!r}",
+    )
+    versions = f.section("versions", ("tensorrt", "onnxruntime"))
+    precision = f.value("precision", "str")
+    f.one_of("precision", precision, ENGINE_PRECISIONS)
+    g = f.section("graphs", GRAPH_NAMES)
+    paths = {}
+    for graph in GRAPH_NAMES:
+        path = g.value(graph, "str")
+        g.check(path.startswith(folder + "/"), graph, f"{path!r} is not inside {folder!r}")
+        g.check(_path_problem(path) is None, graph, f"{path!r} {_path_problem(path)}")
+        g.check(path in files, graph, f"{path!r} is not listed in files")
+        paths[graph] = path
+    return EngineSet(
+        name=name,
+        dir=folder,
+        device_name=device.value("name", "str"),
+        compute_capability=cc,
+        tensorrt=versions.value("tensorrt", "str"),
+        onnxruntime=versions.value("onnxruntime", "str"),
+        precision=precision,
+        limits=_engine_limits(f.section("limits", _keys(EngineLimits)), image_tokens),
+        graphs=paths,
+        profiles=_engine_profiles(f.section("profiles", None), graphs),
+        created_utc=f.value("created_utc", "str"),
+        check=copy.deepcopy(f.value("check", "object", nullable=True)),
+    )
+
+
+_ENGINE_KEYS = ("name", "dir", "device", "versions", "precision", "limits", "graphs")
+_ENGINE_KEYS += ("profiles", "created_utc", "check")
+
+
+def _engines(
+    f: _Fields, graphs: dict[str, GraphSpec], files: dict[str, FileEntry], image_tokens: int
+) -> tuple[EngineSet, ...]:
+    if f.data.get("engines") is None:
+        return ()
+    sets = tuple(
+        _engine_set(e, graphs, files, image_tokens) for e in f.sections("engines", _ENGINE_KEYS)
+    )
+    names = [e.name for e in sets]
+    for i, name in enumerate(names):
+        f.check(name not in names[:i], f"engines[{i}]", f"engine set {name!r} listed twice")
+    return sets
+
+
+def _image_tokens(model: ModelInfo, image_processor: dict[str, Any]) -> int:
+    """Merged image tokens of the largest image max_pixels admits (or the vision cap)."""
+    v = model.vision
+    cap = max(1, image_processor["max_pixels"] // (v.patch_size * v.spatial_merge_size) ** 2)
+    return min(cap, v.max_image_tokens) if v.max_image_tokens else cap
+
+
 # --- public API -----------------------------------------------------------------------------
 
 
@@ -593,14 +770,16 @@ def parse_manifest(data: dict, *, source: str = MANIFEST_NAME) -> Manifest:
     g = f.section("graphs", GRAPH_NAMES)
     exporter = f.section("exporter", None)
     known = {"format", *_keys(Manifest)} - {"extra"}
+    graphs = {n: _graph(g.section(n, _keys(GraphSpec)), n, kv, files) for n in GRAPH_NAMES}
+    image_processor = _image_processor(f.section("image_processor", _IMAGE_KEYS), model.vision)
     return Manifest(
         format_version=version,
         created_utc=f.value("created_utc", "str"),
         model=model,
         kv_cache=kv,
-        graphs={n: _graph(g.section(n, _keys(GraphSpec)), n, kv, files) for n in GRAPH_NAMES},
+        graphs=graphs,
         tokens=_tokens(f.section("tokens", _keys(TokenIds)), model.text.vocab_size),
-        image_processor=_image_processor(f.section("image_processor", _IMAGE_KEYS), model.vision),
+        image_processor=image_processor,
         prompt=_prompt(f.section("prompt", _keys(PromptSpec))),
         labels=_labels(f),
         record_format_version=f.data["record_format_version"],
@@ -613,6 +792,7 @@ def parse_manifest(data: dict, *, source: str = MANIFEST_NAME) -> Manifest:
         quantization=None
         if f.data.get("quantization") is None
         else _quantization(f.section("quantization", _keys(QuantizationSpec))),
+        engines=_engines(f, graphs, files, _image_tokens(model, image_processor)),
         extra={key: copy.deepcopy(value) for key, value in data.items() if key not in known},
     )
 
@@ -634,7 +814,26 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     extra = data.pop("extra")
     if data["quantization"] is None:
         del data["quantization"]
+    data["engines"] = [engine_set_to_dict(e) for e in manifest.engines]
+    if not data["engines"]:
+        del data["engines"]
     return {"format": FORMAT, **data, **extra}
+
+
+def engine_set_to_dict(engine: EngineSet) -> dict[str, Any]:
+    """The JSON form of one ``engines`` entry (what :func:`parse_manifest` reads back)."""
+    return {
+        "name": engine.name,
+        "dir": engine.dir,
+        "device": {"name": engine.device_name, "compute_capability": engine.compute_capability},
+        "versions": {"tensorrt": engine.tensorrt, "onnxruntime": engine.onnxruntime},
+        "precision": engine.precision,
+        "limits": _plain(engine.limits),
+        "graphs": dict(engine.graphs),
+        "profiles": _plain(engine.profiles),
+        "created_utc": engine.created_utc,
+        "check": copy.deepcopy(engine.check),
+    }
 
 
 def file_entry(path: str | os.PathLike) -> dict[str, Any]:

@@ -10,16 +10,17 @@ unconstrained records that do not parse are reported in ``malformed``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from .bundle import TOKENIZER_NAME, Bundle, load_bundle
+from .bundle import TOKENIZER_NAME, Bundle, EngineLimits, load_bundle
 from .constraints import RequestConstraint, TokenTable
 from .errors import BundleError, InputError
 from .generate import GenerationResult, LogitsHook, PromptBatch, VisionSpec, generate
@@ -141,6 +142,9 @@ class Extractor:
         m = bundle.manifest
         self.tokenizer = Tokenizer.from_file(str(bundle.file(TOKENIZER_NAME)))
         self.image_settings = ImageProcessorSettings.from_dict(m.image_processor)
+        self.limits = getattr(backend, "limits", None)
+        if self.limits is not None:
+            self.image_settings = _limit_pixels(self.image_settings, self.limits.max_image_tokens)
         self.vision = VisionSpec(
             image_token_id=m.tokens.image_pad_id,
             merge_size=m.model.vision.spatial_merge_size,
@@ -167,6 +171,18 @@ class Extractor:
     @property
     def labels(self) -> tuple[str, ...]:
         return self.bundle.manifest.labels
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the decoder runs on: "cpu", "cuda" or "tensorrt"."""
+        from .providers import provider_name
+
+        return provider_name(self.backend.decoder.get_providers()[0])
+
+    def placement(self) -> dict[str, dict[str, int] | None]:
+        """Graph name -> nodes per execution provider, as onnxruntime placed them (None where
+        this onnxruntime cannot say): a GPU run with nodes on the CPU shows here."""
+        return self.backend.placement()
 
     def prompt_ids(self, text: str, grid: Sequence[int], *, think: bool = True) -> list[int]:
         """Token ids of the full prompt for ``text`` and an image of patch grid ``grid``."""
@@ -195,6 +211,13 @@ class Extractor:
         rgb = to_rgb(image)
         check_pixel_count(rgb.width, rgb.height)
         pixel_values, grid = preprocess(rgb, self.image_settings)
+        tokens = num_image_tokens(grid, self.vision.merge_size)
+        if self.limits is not None and tokens > self.limits.max_image_tokens:
+            raise InputError(
+                f"image {rgb.width}x{rgb.height} gives {tokens} image tokens; the TensorRT "
+                f"profiles allow {self.limits.max_image_tokens} (an extreme aspect ratio; crop "
+                "it, or build engines with a larger --max-image-tokens)"
+            )
         s = self.image_settings
         geometry = ImageGeometry.for_image(
             rgb.width,
@@ -283,7 +306,8 @@ class Extractor:
         max_new_tokens: int | None = None,
         logits_hook: LogitsHook | None = None,
     ) -> list[Extraction]:
-        """``extract`` for several pairs in one left-padded batch."""
+        """``extract`` for several pairs in one left-padded batch (batches of at most the
+        TensorRT profiles' ``max_batch`` when they apply)."""
         if think not in ("on", "off", "auto"):
             raise InputError(f"think: expected 'on', 'off' or 'auto', got {think!r}")
         if think_budget is not None and not constrained:
@@ -294,6 +318,26 @@ class Extractor:
         limit = m.generation.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         if limit < 0:
             raise InputError(f"max_new_tokens: must be >= 0, got {limit}")
+        size = self.limits.max_batch if self.limits is not None else len(pairs)
+        out: list[Extraction] = []
+        for start in range(0, len(pairs), size):
+            chunk = pairs[start : start + size]
+            out += self._extract_chunk(
+                chunk, think, think_budget, constrained, jump_forward, limit, logits_hook
+            )
+        return out
+
+    def _extract_chunk(
+        self,
+        pairs: Sequence[tuple[ImageInput, str]],
+        think: Think,
+        think_budget: int | None,
+        constrained: bool,
+        jump_forward: bool,
+        limit: int,
+        logits_hook: LogitsHook | None,
+    ) -> list[Extraction]:
+        m = self.bundle.manifest
         started = time.perf_counter()
         requests = [self._prepare(image, text, think != "off") for image, text in pairs]
         constraints = None
@@ -301,10 +345,12 @@ class Extractor:
             constraints = [
                 self._constraint(r, think, think_budget, jump_forward, limit) for r in requests
             ]
+        batch = self._batch(requests)
+        self._check_context(batch.input_ids.shape[1], limit)
         preprocess_s = time.perf_counter() - started
         result = generate(
             self.backend,
-            self._batch(requests),
+            batch,
             self.vision,
             max_new_tokens=limit,
             eos_ids=m.tokens.eos_ids,
@@ -320,6 +366,18 @@ class Extractor:
                 requests, result.tokens, constraints or [None] * len(requests), strict=True
             )
         ]
+
+    def _check_context(self, prompt: int, new_tokens: int) -> None:
+        """Prompt + new tokens must fit the TensorRT profiles' context."""
+        if self.limits is None or prompt + new_tokens <= self.limits.max_context:
+            return
+        room = self.limits.max_context - prompt
+        hint = f"max_new_tokens <= {room}" if room > 0 else "a shorter text or a smaller image"
+        raise InputError(
+            f"prompt ({prompt} tokens) + max_new_tokens ({new_tokens}) exceeds the TensorRT "
+            f"profiles' context of {self.limits.max_context}: use {hint}, or build engines "
+            "with a larger --max-context"
+        )
 
     def _constraint(
         self, request: _Request, think: Think, budget: int | None, jump: bool, limit: int
@@ -384,25 +442,90 @@ class Extractor:
 def load(
     bundle_dir: str | Path | None = None,
     *,
-    providers: Sequence[str] | None = None,
+    provider: str | None = None,
+    provider_options: Mapping[str, Any] | None = None,
+    device_id: int = 0,
+    limits: EngineLimits | None = None,
     threads: int | None = None,
     verify_hashes: bool = True,
     max_text_tokens: int = MAX_TEXT_TOKENS,
+    providers: Sequence[str] | None = None,
 ) -> Extractor:
     """An :class:`Extractor` for ``bundle_dir`` (default: the embedded default bundle).
 
-    ``providers``: onnxruntime execution providers, best available first by default
-    (TensorRT, CUDA, CPU). ``threads``: intra-op threads (default: onnxruntime's choice, or
-    the ``GMNER_THREADS`` environment variable).
+    Args:
+        provider: "auto" (CUDA when this onnxruntime has it, else the CPU; TensorRT when the
+            bundle carries engines built for this GPU), "cpu", "cuda" or "tensorrt". None:
+            the ``GMNER_PROVIDER`` environment variable, else "auto". A provider this
+            onnxruntime lacks is a :class:`~gmner_rt.errors.BackendError` naming what is
+            installed.
+        provider_options: onnxruntime options of that provider (``{"gpu_mem_limit": ...}``
+            for CUDA, ``trt_*`` names for TensorRT), over the ones gmner derives.
+        device_id: the CUDA device.
+        limits: TensorRT profiles for the ONNX graphs (batch, context, image tokens; default
+            :func:`gmner_rt.tensorrt.default_limits`); prebuilt engines bring their own.
+            Requests are kept inside them (batches split, too long prompts refused).
+        threads: intra-op threads (default: onnxruntime's choice, or ``GMNER_THREADS``).
+        verify_hashes: check every file's sha256 (sizes are always checked).
+        max_text_tokens: the longest text accepted.
+        providers: deprecated: onnxruntime provider names; the first one is used as
+            ``provider``.
+
+    The providers each graph really runs on are logged, and exposed by
+    ``extractor.provider`` and ``extractor.placement()``.
     """
-    from .backends.onnxruntime import OrtGraphs
+    from .backends.onnxruntime import OrtGraphs, plan
+    from .providers import choose, onnxruntime, requested
 
     path = Path(bundle_dir) if bundle_dir is not None else DEFAULT_BUNDLE
     if bundle_dir is None and not (path / "manifest.json").is_file():
         raise BundleError(f"no default bundle at {path}; pass a bundle directory")
+    if providers is None and (name := requested(provider)) != "auto":
+        choose(name, onnxruntime().get_available_providers())  # before hashing the bundle
     bundle = load_bundle(path, verify_hashes=verify_hashes)
-    backend = OrtGraphs.from_bundle(bundle, providers=providers, threads=threads)
-    log.info(
-        "loaded %s (%s) on %s", path, bundle.manifest.model.name, backend.decoder.get_providers()[0]
+    chosen = plan(
+        bundle,
+        provider,
+        provider_options=provider_options,
+        device_id=device_id,
+        limits=limits,
+        legacy_providers=providers,
     )
+    for note in chosen.notes:
+        log.info("%s", note)
+    backend = OrtGraphs.from_bundle(bundle, chosen, threads=threads)
+    _log_placement(path, bundle, backend, chosen.provider)
     return Extractor(bundle, backend, max_text_tokens=max_text_tokens)
+
+
+def _log_placement(path: Path, bundle: Bundle, backend, provider: str) -> None:
+    """Logs where each graph runs, and warns when a GPU run left nodes on the CPU."""
+    placements = backend.placement()
+    log.info("loaded %s (%s) on %s", path, bundle.manifest.model.name, provider)
+    for graph, counts in placements.items():
+        if counts is None:
+            log.debug("%s: providers %s", graph, backend.sessions()[graph].get_providers())
+            continue
+        shown = ", ".join(f"{ep} {n}" for ep, n in sorted(counts.items()))
+        log.debug("%s nodes: %s", graph, shown)
+        on_cpu = counts.get("CPUExecutionProvider", 0)
+        if provider != "cpu" and on_cpu:
+            log.warning(
+                "%s: %d of %d nodes run on the CPU, not on %s (%s)",
+                graph,
+                on_cpu,
+                sum(counts.values()),
+                provider,
+                shown,
+            )
+
+
+def _limit_pixels(settings: ImageProcessorSettings, tokens: int) -> ImageProcessorSettings:
+    """``settings`` whose max_pixels gives at most ``tokens`` merged image tokens."""
+    cap = tokens * settings.factor**2
+    if settings.max_pixels <= cap:
+        return settings
+    log.info(
+        "images limited to %d image tokens (max_pixels %d) by TensorRT's profiles", tokens, cap
+    )
+    return dataclasses.replace(settings, max_pixels=cap, min_pixels=min(settings.min_pixels, cap))

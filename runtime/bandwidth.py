@@ -16,7 +16,32 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BandwidthProbe", "measure_bandwidth"]
+__all__ = ["BandwidthProbe", "GpuBandwidthProbe", "SPEC_BANDWIDTH_GB_S", "measure_bandwidth"]
+__all__ += ["spec_bandwidth"]
+
+#: Peak memory bandwidth (GB/s) from NVIDIA's data sheets, by a part of the device's name;
+#: the roofline falls back to it (labelled "spec") where no measurement can be taken.
+SPEC_BANDWIDTH_GB_S = {
+    "H200": 4800.0,
+    "H100 80GB HBM3": 3350.0,  # SXM
+    "H100 NVL": 3900.0,
+    "H100 PCIe": 2000.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100 80GB PCIe": 1935.0,
+    "A100-SXM4-40GB": 1555.0,
+    "L40S": 864.0,
+    "L4": 300.0,
+    "RTX 4090": 1008.0,
+    "Orin": 204.8,  # AGX Orin 32/64 GB; Orin NX 102.4, Orin Nano 68 (102 in Super mode)
+}
+
+
+def spec_bandwidth(device_name: str) -> float | None:
+    """The data-sheet bandwidth of the GPU named ``device_name`` (None: not in the table)."""
+    for key, value in SPEC_BANDWIDTH_GB_S.items():
+        if key.lower() in device_name.lower():
+            return value
+    return None
 
 
 class BandwidthProbe:
@@ -76,9 +101,41 @@ def measure_bandwidth(megabytes: int = 1024) -> float:
     return max(BandwidthProbe(megabytes).measure().values())
 
 
-def _matvec_session(weights: np.ndarray, threads: int):
-    """An onnxruntime session computing ``x @ weights`` on ``threads`` threads (None without
-    the ``onnx`` package)."""
+class GpuBandwidthProbe:
+    """GPU memory bandwidth in GB/s: the same matrix-vector product as :class:`BandwidthProbe`,
+    by onnxruntime's CUDA provider (cuBLAS) on device ``device_id``, the weights resident on
+    the GPU; what a batch-1 decode step does. Needs onnxruntime-gpu and the ``onnx`` package."""
+
+    def __init__(self, megabytes: int = 1024, runs: int = 20, device_id: int = 0):
+        if megabytes < 1:
+            raise ValueError(f"bandwidth probe: megabytes must be >= 1, got {megabytes}")
+        rows = 4096
+        cols = max(1, megabytes * 2**20 // (4 * rows))
+        self.runs = runs
+        self.nbytes = rows * cols * 4
+        weights = np.full((rows, cols), 0.5, dtype=np.float32)
+        self.session = _matvec_session(
+            weights, 1, [("CUDAExecutionProvider", {"device_id": str(device_id)})]
+        )
+        if self.session is None:
+            raise RuntimeError("the GPU bandwidth probe needs the onnx package")
+        self.x = np.full((1, rows), 0.25, dtype=np.float32)
+
+    def measure(self) -> dict[str, float]:
+        """GB/s (``onnxruntime_cuda_matmul``): median of ``runs`` after a warm-up; each run
+        waits for the GPU (onnxruntime's ``run`` returns the result on the host)."""
+        self.session.run(None, {"x": self.x})
+        times = []
+        for _ in range(self.runs):
+            started = time.perf_counter()
+            self.session.run(None, {"x": self.x})
+            times.append(time.perf_counter() - started)
+        return {"onnxruntime_cuda_matmul": self.nbytes / float(np.median(times)) / 1e9}
+
+
+def _matvec_session(weights: np.ndarray, threads: int, providers=None):
+    """An onnxruntime session computing ``x @ weights`` on ``threads`` threads and
+    ``providers`` (default: the CPU); None without the ``onnx`` package."""
     try:
         import onnx
         import onnxruntime as ort
@@ -103,4 +160,6 @@ def _matvec_session(weights: np.ndarray, threads: int):
         path = Path(tmp) / "matvec.onnx"
         onnx.save(model, str(path), save_as_external_data=True, location="matvec.data")
         del model
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            str(path), options, providers=providers or ["CPUExecutionProvider"]
+        )

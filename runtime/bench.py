@@ -3,6 +3,7 @@
     gmner bench --preset bench-small --json out/bench/bench-small.json --plot docs/images/x.png
     gmner bench --bundle B --model M --systems gmner_rt,hf
     gmner bench --preset bench-small --systems gmner_rt,hf,gmner_rt:int8,gmner_rt:int4,ortgenai:int4
+    gmner bench --preset bench-small --provider cuda --dtype fp16 --systems gmner_rt,hf
 
 For one bundle and its source checkpoint (or a ``--preset``, which builds, caches and exports
 that random-weight model itself), every system runs in a child process of its own
@@ -21,6 +22,11 @@ Separate processes minutes apart see different memory bandwidth on a shared mach
 decode ratio to onnxruntime-genai is also measured paired: both decoders in one process,
 stepped in turn (:func:`gmner.runtime.bench_systems.run_paired`), for fp32 and for each
 quantized variant both systems run.
+
+With ``--provider cuda`` (or ``tensorrt``), gmner_rt runs on that onnxruntime provider and
+hf on the same GPU (torch), and the roofline uses the GPU's bandwidth: measured by a
+matrix-vector product on the CUDA provider, or, where that cannot run, the data-sheet figure
+(``bandwidth_source`` says which).
 
 Quantized variants (``gmner_rt:int8``, ``gmner_rt:int4``: the bundle quantized by ``gmner
 export quantize``, cached; ``ortgenai:int4``: the builder at that precision) decode other
@@ -47,7 +53,12 @@ import numpy as np
 
 from gmner_rt.errors import GmnerError, InputError
 
-from .bandwidth import BandwidthProbe, measure_bandwidth  # noqa: F401 (re-exported)
+from .bandwidth import (  # noqa: F401 (measure_bandwidth: re-exported)
+    BandwidthProbe,
+    GpuBandwidthProbe,
+    measure_bandwidth,
+    spec_bandwidth,
+)
 from .bench_systems import SYSTEMS, WorkerSpec, decoder_bytes, kv_cache_bytes  # noqa: F401 (WorkerSpec: re-exported)
 
 log = logging.getLogger(__name__)
@@ -55,6 +66,8 @@ log = logging.getLogger(__name__)
 __all__ = ["BenchConfig", "BenchError", "measure_bandwidth", "prepare_preset", "run_bench"]
 
 PRESETS = ("tiny", "bench-small")
+#: Providers gmner_rt can be benched on (hf follows it to the GPU).
+BENCH_PROVIDERS = ("cpu", "cuda", "tensorrt")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gmner" / "bench"
 #: Which figures a ratio compares, and whether more is better.
 RATIO_FIGURES = {
@@ -114,6 +127,10 @@ class BenchConfig:
         cache: where presets and built peer models are cached.
         bandwidth_mb: size of the matrix of the bandwidth measurement (0: skip it).
         timeout_s: the limit per system.
+        provider: gmner_rt's execution provider: "cpu", "cuda" or "tensorrt" (hf then runs
+            on the same GPU).
+        device_id: the CUDA device.
+        dtype: the precision a ``preset`` is exported in ("fp32" or "fp16").
     """
 
     bundle: Path | None = None
@@ -130,8 +147,26 @@ class BenchConfig:
     cache: Path = DEFAULT_CACHE
     bandwidth_mb: int = 1024
     timeout_s: float = 3600.0
+    provider: str = "cpu"
+    device_id: int = 0
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.provider not in BENCH_PROVIDERS:
+            raise InputError(
+                f"--provider: expected one of {', '.join(BENCH_PROVIDERS)}, got {self.provider!r}"
+            )
+        if self.dtype not in ("fp32", "fp16"):
+            raise InputError(f"--dtype: expected fp32 or fp16, got {self.dtype!r}")
+        if self.dtype != "fp32" and self.preset is None:
+            raise InputError("--dtype: applies to --preset (a --bundle has its own precision)")
+        cpu_only = [s for s in self.systems if s.startswith("ortgenai")]
+        if self.provider != "cpu" and cpu_only:
+            raise InputError(
+                f"--systems: {', '.join(cpu_only)} run on the CPU only in this bench "
+                "(onnxruntime-genai's CUDA build is another package); drop them with "
+                f"--provider {self.provider}"
+            )
         if self.preset is not None and self.preset not in PRESETS:
             raise InputError(f"--preset: expected one of {PRESETS}, got {self.preset!r}")
         if (self.preset is None) == (self.bundle is None):
@@ -176,13 +211,16 @@ def _sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def prepare_preset(name: str, cache: Path) -> tuple[Path, Path]:
-    """``(checkpoint, bundle)`` of preset ``name``, built and exported once per source digest."""
+def prepare_preset(name: str, cache: Path, dtype: str = "fp32") -> tuple[Path, Path]:
+    """``(checkpoint, bundle)`` of preset ``name``, built and exported (in ``dtype``) once per
+    source digest."""
     from ..export.build import BundleOptions, export_bundle
+    from ..export.onnx_export import ExportSettings
     from ..train.tiny_model import build_tiny_model
 
     home = cache / f"{name}-{_sources_digest()}"
-    model, bundle = home / "model", home / "bundle"
+    model = home / "model"
+    bundle = home / ("bundle" if dtype == "fp32" else f"bundle-{dtype}")
     if (bundle / "manifest.json").is_file():
         log.info("preset %s: cached at %s", name, home)
         return model, bundle
@@ -190,7 +228,12 @@ def prepare_preset(name: str, cache: Path) -> tuple[Path, Path]:
     home.mkdir(parents=True, exist_ok=True)
     if not (model / "config.json").is_file():
         build_tiny_model(model, preset=name, seed=0)
-    export_bundle(BundleOptions(model=model, adapter=None, out=bundle, name=f"{name}-bench"))
+    settings = ExportSettings(dtype={"fp32": "float32", "fp16": "float16"}[dtype])
+    export_bundle(
+        BundleOptions(
+            model=model, adapter=None, out=bundle, name=f"{name}-bench", settings=settings
+        )
+    )
     log.info("preset %s: built and exported in %.1f s", name, time.perf_counter() - started)
     return model, bundle
 
@@ -235,8 +278,9 @@ def _memory_gb() -> float | None:
     return None
 
 
-def machine_facts(threads: int) -> dict:
-    """The machine and the versions the figures were taken with."""
+def machine_facts(threads: int, provider: str = "cpu", device_id: int = 0) -> dict:
+    """The machine (its GPU when the provider is one) and the versions the figures were taken
+    with."""
     import importlib.metadata
 
     def version(name: str) -> str | None:
@@ -245,8 +289,20 @@ def machine_facts(threads: int) -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
+    gpu = None
+    if provider != "cpu":
+        from gmner_rt.devices import cuda_device, tensorrt_version
+
+        device = cuda_device(device_id)
+        gpu = {
+            "name": device.name if device else None,
+            "compute_capability": device.compute_capability if device else None,
+            "tensorrt": tensorrt_version(),
+        }
     return {
         "cpu": _cpu_name(),
+        "gpu": gpu,
+        "provider": provider,
         "cores": os.cpu_count(),
         "memory_gb": _memory_gb(),
         "threads": threads,
@@ -257,6 +313,7 @@ def machine_facts(threads: int) -> dict:
             for name in (
                 "gmner",
                 "onnxruntime",
+                "onnxruntime-gpu",
                 "onnxruntime-genai",
                 "torch",
                 "transformers",
@@ -450,8 +507,10 @@ def ratios(systems: dict[str, dict]) -> dict[str, dict[str, float | None]]:
 
 def run_bench(config: BenchConfig) -> dict:
     """Every system, the token check, the roofline: the report ``--json`` writes."""
+    if config.provider != "cpu":
+        _check_gpu(config)
     if config.preset is not None:
-        model, bundle = prepare_preset(config.preset, config.cache)
+        model, bundle = prepare_preset(config.preset, config.cache, config.dtype)
         name = config.preset
     else:
         model, bundle = config.model, config.bundle
@@ -475,9 +534,11 @@ def run_bench(config: BenchConfig) -> dict:
             batch=config.batch if config.batch > 1 else 0,
             cache=str(config.cache / "peers"),
             text_only=system == "gmner_rt" and "ortgenai_text" in config.systems,
+            provider=config.provider,
+            device_id=config.device_id,
         )
     rounds: dict[str, list[dict]] = {system: [] for system in config.systems}
-    probe = BandwidthProbe(config.bandwidth_mb) if config.bandwidth_mb else None
+    probe, bandwidth_source = _bandwidth_probe(config)
     bandwidths: list[dict[str, float]] = []
     for index in range(config.rounds):
         log.info("round %d of %d", index + 1, config.rounds)
@@ -490,6 +551,14 @@ def run_bench(config: BenchConfig) -> dict:
                 figures["bandwidth_gb_s"] = (max(before.values()) + max(after.values())) / 2
             rounds[system].append(figures)
     del probe
+    if config.provider != "cpu" and not bandwidths:
+        spec = _spec_bandwidth(config.device_id)
+        if spec is not None:
+            for runs in rounds.values():
+                for figures in runs:
+                    figures["bandwidth_gb_s"] = spec
+            bandwidths = [{"spec": spec}]
+            bandwidth_source = "spec: NVIDIA's data sheet, not measured"
     weights = decoder_weight_bytes(bundle)
     kv = kv_bytes_per_token(bundle, _mean_context(bundle, config.new_tokens))
     for runs in rounds.values():
@@ -515,7 +584,7 @@ def run_bench(config: BenchConfig) -> dict:
             paired[variant or "fp32"] = _run_system(spec, config.timeout_s)["paired"]
     systems = {name_: _public(figures) for name_, figures in results.items()}
     report = {
-        "machine": machine_facts(config.threads),
+        "machine": machine_facts(config.threads, config.provider, config.device_id),
         "model": name,
         "settings": {
             "new_tokens": config.new_tokens,
@@ -525,6 +594,8 @@ def run_bench(config: BenchConfig) -> dict:
             "batch": config.batch,
             "threads": config.threads,
             "rounds": config.rounds,
+            "provider": config.provider,
+            "dtype": config.dtype,
         },
         "systems": systems,
         "ratios_vs_gmner_rt": ratios(systems),
@@ -533,6 +604,7 @@ def run_bench(config: BenchConfig) -> dict:
         "paired_decode": paired,
     }
     if bandwidths:
+        report["bandwidth_source"] = bandwidth_source
         report["bandwidth_gb_s"] = {
             method: [b[method] for b in bandwidths] for method in bandwidths[0]
         }
@@ -545,6 +617,34 @@ def run_bench(config: BenchConfig) -> dict:
             if variant is not None
         }
     return report
+
+
+def _check_gpu(config: BenchConfig) -> None:
+    """The provider must be there before anything is built (a clear error, not a worker's)."""
+    from gmner_rt.providers import choose, onnxruntime
+
+    choose(config.provider, onnxruntime().get_available_providers())
+
+
+def _spec_bandwidth(device_id: int) -> float | None:
+    from gmner_rt.devices import cuda_device
+
+    device = cuda_device(device_id)
+    return spec_bandwidth(device.name) if device is not None else None
+
+
+def _bandwidth_probe(config: BenchConfig):
+    """The probe taken around every system, and what it measures (None: no probe)."""
+    if not config.bandwidth_mb:
+        return None, None
+    if config.provider == "cpu":
+        return BandwidthProbe(config.bandwidth_mb), "measured: CPU matrix-vector product"
+    try:
+        probe = GpuBandwidthProbe(config.bandwidth_mb, device_id=config.device_id)
+    except Exception as exc:  # no onnx package, or the CUDA provider would not start
+        log.warning("GPU bandwidth not measured (%s); the data-sheet figure is used", exc)
+        return None, None
+    return probe, "measured: matrix-vector product on onnxruntime's CUDA provider"
 
 
 def _roofline_of(figures: dict, weights: int, kv: int) -> dict:
@@ -714,6 +814,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("--bandwidth-mb", "bandwidth_mb", "bandwidth matrix size, 0: skip (default: %(default)s)"),
     ):
         parser.add_argument(flag, type=int, default=d[key].default, help=help_text)
+    parser.add_argument(
+        "--provider",
+        choices=BENCH_PROVIDERS,
+        default="cpu",
+        help="gmner_rt's execution provider; hf follows it to the GPU (default: %(default)s)",
+    )
+    parser.add_argument("--device-id", type=int, default=0, help="CUDA device (default 0)")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="precision a --preset is exported in (default: %(default)s)",
+    )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="presets and peer models")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--plot", type=Path, help="write the per-token latency plot here (PNG)")
@@ -734,6 +847,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         batch=args.batch,
         cache=args.cache,
         bandwidth_mb=args.bandwidth_mb,
+        provider=args.provider,
+        device_id=args.device_id,
+        dtype=args.dtype,
     )
 
 

@@ -71,6 +71,9 @@ class WorkerSpec:
             with its bundle.
         bandwidth_mb: ``paired`` only: the matrix of a bandwidth probe taken between the
             decode steps (0: none), for a roofline fraction free of drift.
+        provider: gmner_rt's execution provider ("cpu", "cuda", "tensorrt"); hf runs on the
+            same GPU when it is not "cpu".
+        device_id: the CUDA device.
     """
 
     system: str
@@ -86,6 +89,13 @@ class WorkerSpec:
     text_only: bool = False
     precision: str = "fp32"
     bandwidth_mb: int = 0
+    provider: str = "cpu"
+    device_id: int = 0
+
+    @property
+    def torch_device(self) -> str:
+        """Where the hf system runs: the GPU whenever gmner_rt runs on one."""
+        return "cpu" if self.provider == "cpu" else f"cuda:{self.device_id}"
 
 
 @dataclass
@@ -316,8 +326,11 @@ def run_gmner_rt(spec: WorkerSpec, figures: Figures) -> None:
     import gmner_rt
 
     started = time.perf_counter()
-    extractor = gmner_rt.load(spec.bundle, providers=["CPUExecutionProvider"], threads=spec.threads)
+    extractor = gmner_rt.load(
+        spec.bundle, provider=spec.provider, device_id=spec.device_id, threads=spec.threads
+    )
     figures.load_s = time.perf_counter() - started
+    figures.notes.append(f"gmner_rt on {extractor.provider}: {extractor.placement()}")
     figures.decoder_mb = decoder_bytes(extractor.bundle) / 1e6
     measure_loop(extractor, spec, figures, text_only=spec.text_only)
 
@@ -351,7 +364,7 @@ def run_ortgenai_text(spec: WorkerSpec, figures: Figures) -> None:
     decoder_dir = build_decoder(
         spec.model, Path(spec.cache), exclude_embeds=False, threads=spec.threads
     )
-    extractor = gmner_rt.load(spec.bundle, providers=["CPUExecutionProvider"], threads=1)
+    extractor = gmner_rt.load(spec.bundle, provider="cpu", threads=1)
     ids = text_prompt(extractor, bench_pairs(1)[0][1]).input_ids[0].tolist()
     del extractor
     text_only_generate(decoder_dir, ids, min(spec.new_tokens, 4), threads=spec.threads)
@@ -383,6 +396,10 @@ class _Clock:
         self.eos = list(eos_ids)
 
     def __call__(self, input_ids, scores):
+        if scores.is_cuda:  # the forward is asynchronous: the scores are ready after a sync
+            import torch
+
+            torch.cuda.synchronize(scores.device)
         self.times.append(time.perf_counter())
         scores[:, self.eos] = -float("inf")
         return scores
@@ -401,7 +418,9 @@ def _hf_prompts(processor, pairs, labels) -> list[str]:
     ]
 
 
-def hf_run(model, processor, pairs, labels, new_tokens: int, tokens, stop=()) -> Run:
+def hf_run(
+    model, processor, pairs, labels, new_tokens: int, tokens, stop=(), device: str = "cpu"
+) -> Run:
     """Processor + ``generate``; the first clock tick is the first token's scores.
 
     ``tokens`` is the bundle's :class:`gmner_rt.bundle.TokenIds`; ``stop``: stop strings (the
@@ -417,7 +436,7 @@ def hf_run(model, processor, pairs, labels, new_tokens: int, tokens, stop=()) ->
         images=[image for image, _ in pairs],
         return_tensors="pt",
         padding=True,
-    )
+    ).to(device)
     extra = {"stop_strings": list(stop), "tokenizer": processor.tokenizer} if stop else {}
     with torch.inference_mode():
         out = model.generate(
@@ -466,6 +485,8 @@ def run_hf(spec: WorkerSpec, figures: Figures) -> None:
 
     if spec.model is None:
         raise ValueError("hf: needs the source checkpoint (--model or --preset)")
+    if spec.torch_device != "cpu" and not torch.cuda.is_available():
+        raise RuntimeError(f"hf: torch {torch.__version__} has no CUDA; install a CUDA build")
     torch.set_num_threads(spec.threads)
     bundle = load_bundle(spec.bundle, verify_hashes=False)
     m = bundle.manifest
@@ -476,13 +497,17 @@ def run_hf(spec: WorkerSpec, figures: Figures) -> None:
         min_pixels=m.image_processor["min_pixels"],
         max_pixels=m.image_processor["max_pixels"],
     )
+    model.to(spec.torch_device)
     figures.load_s = time.perf_counter() - started
+    figures.notes.append(f"hf on {spec.torch_device}")
     pairs = bench_pairs(max(spec.pairs, spec.batch))
     singles = pairs[: spec.pairs]
     _check_prompts(processor, bundle, pairs)
 
     def run(batch, new_tokens=spec.new_tokens, stop=()):
-        return hf_run(model, processor, batch, m.labels, new_tokens, m.tokens, stop)
+        return hf_run(
+            model, processor, batch, m.labels, new_tokens, m.tokens, stop, spec.torch_device
+        )
 
     for _ in range(spec.warmup):
         run(singles[:1])
@@ -525,7 +550,7 @@ def run_paired(spec: WorkerSpec, figures: Figures) -> None:
 
     if spec.model is None:
         raise ValueError("paired: needs the source checkpoint (--model or --preset)")
-    extractor = gmner_rt.load(spec.bundle, providers=["CPUExecutionProvider"], threads=spec.threads)
+    extractor = gmner_rt.load(spec.bundle, provider="cpu", threads=spec.threads)
     decoder_dir = build_decoder(
         spec.model, Path(spec.cache), precision=spec.precision, threads=spec.threads
     )

@@ -10,6 +10,7 @@ and export packages and reproduces the shipped bundle (see :mod:`gmner.train.dem
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import logging
 import sys
@@ -23,12 +24,13 @@ from gmner_rt.metrics import region_correct
 from gmner_rt.predictions import iter_json_objects
 from gmner_rt.vision import to_rgb
 
-from .extract import format_table
+from .extract import add_provider_arguments, format_table, load_options
 
 log = logging.getLogger(__name__)
 
-#: The shipped example pairs (written by ``gmner demo --retrain``).
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
+#: The shipped example pairs (written by ``gmner demo --retrain --install``): the repository's
+#: ``examples/demo``, installed as the package data of ``gmner.examples``.
+EXAMPLES = Path(str(importlib.resources.files("gmner.examples"))) / "demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--retrain: replace the embedded default bundle and examples",
     )
+    add_provider_arguments(parser)
 
 
 def _matches(entity, gold: dict) -> bool:
@@ -114,13 +117,17 @@ def _overview(images: list[Path], out: Path, height: int = 320) -> None:
     canvas.save(out)
 
 
-def run_examples(bundle: Path | None, examples: Path, out: Path) -> list[dict]:
-    """Extract every example, write annotated images and ``results.json``; return the rows."""
+def run_examples(
+    bundle: Path | None, examples: Path, out: Path, load: dict | None = None
+) -> list[dict]:
+    """Extract every example, write annotated images and ``results.json``; return the rows.
+    ``load``: keyword arguments of :func:`gmner_rt.load` (provider, device_id, ...)."""
     listing = examples / "examples.jsonl"
     if not listing.is_file():
         raise InputError(f"{listing}: no examples (gmner demo --retrain --install writes them)")
     rows = [row for _, row in iter_json_objects(listing, "image, text (and gold)")]
-    extractor = gmner_rt.load(bundle)
+    extractor = gmner_rt.load(bundle, **(load or {}))
+    log.info("running on %s", extractor.provider)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for example in rows:
@@ -158,5 +165,5 @@ def run(args: argparse.Namespace) -> int:
             f"training {result.train_seconds:.0f} s; bundle {result.bundle}\n"
         )
         return 0
-    run_examples(args.bundle, args.examples, args.out)
+    run_examples(args.bundle, args.examples, args.out, load_options(args))
     return 0

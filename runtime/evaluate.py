@@ -23,7 +23,14 @@ from gmner_rt.metrics import PROTOCOLS, EvalReport, evaluate
 from gmner_rt.predictions import read_predictions, write_predictions
 from gmner_rt.records import NO_ENTITY, RECORD_SEPARATOR, EntityRecord, format_record
 
-from .extract import add_decoding_arguments, decoding_options, load_extractor, positive_int
+from .extract import (
+    add_decoding_arguments,
+    add_provider_arguments,
+    decoding_options,
+    load_extractor,
+    load_options,
+    positive_int,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ckpt = parser.add_argument_group("score a checkpoint (needs the train extra)")
     ckpt.add_argument("--model", type=Path, help="base Qwen2.5-VL directory")
     ckpt.add_argument("--adapter", type=Path, help="LoRA adapter (a run's best/ or a checkpoint)")
-    ckpt.add_argument("--device", default="auto")
+    ckpt.add_argument(
+        "--device", default="auto", help="torch device of the checkpoint: auto, cpu, cuda[:N]"
+    )
     bundle = parser.add_argument_group("score an exported bundle (gmner_rt only, no torch)")
     bundle.add_argument("--bundle", type=Path, help="bundle folder written by gmner export")
     bundle.add_argument(
@@ -59,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="leave out (of predictions and gold) tweets whose image is missing",
     )
-    bundle.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
     add_decoding_arguments(parser)
+    add_provider_arguments(parser)
 
 
 def score_file(data: Path, split: str, pred: Path, protocol: str = "hindex") -> EvalReport:
@@ -149,15 +158,16 @@ def evaluate_bundle(
     limit: int | None = None,
     batch_size: int = 4,
     skip_missing_images: bool = False,
-    threads: int | None = None,
     decoding: Mapping[str, Any] | None = None,
+    load: Mapping[str, Any] | None = None,
 ) -> EvalReport:
     """Generate with a bundle on (the first ``limit`` tweets of) a split, write the predictions
     to ``pred_path`` and score them against the tweets that were run. ``decoding``: keyword
-    arguments of :meth:`gmner_rt.Extractor.extract_batch` (think, constrained, ...)."""
+    arguments of :meth:`gmner_rt.Extractor.extract_batch` (think, constrained, ...);
+    ``load``: those of :func:`gmner_rt.load` (provider, provider_options, device_id, threads)."""
     tweets = load_split(data, split)[:limit]
     pairs = tweet_images(tweets, images, skip_missing=skip_missing_images)
-    extractor = load_extractor(bundle, threads)
+    extractor = load_extractor(bundle, **(load or {}))
     outputs: dict[str, str] = {}
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -182,9 +192,11 @@ def _check_mode(args: argparse.Namespace) -> str:
         )
     mode = modes[0]
     if mode != "bundle":
-        for flag in ("limit", "threads"):
+        for flag in ("limit", "threads", "provider"):
             if getattr(args, flag) is not None:
                 raise InputError(f"--{flag} applies to --bundle only")
+        if args.provider_option or args.device_id:
+            raise InputError("--provider-option / --device-id apply to --bundle only")
         if args.skip_missing_images:
             raise InputError("--skip-missing-images applies to --bundle only")
         decoding = {
@@ -239,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             decoding=decoding_options(args),
             skip_missing_images=args.skip_missing_images,
-            threads=args.threads,
+            load=load_options(args),
         )
     else:
         report = score_file(args.data, args.split, args.pred, args.protocol)

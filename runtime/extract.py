@@ -4,6 +4,7 @@
     gmner extract --bundle B --image photo.jpg --text-file t.txt --json     # Extraction JSON
     gmner extract --bundle B --image photo.jpg --text "..." --draw out.png  # boxes drawn
     gmner extract --bundle B --batch pairs.jsonl --batch-size 8             # one JSON line each
+    gmner extract --provider cuda --image photo.jpg --text "..."            # on the GPU
 
 What it prints is the program's output (stdout); diagnostics go to logging (stderr). Only
 gmner_rt is used: no torch, no transformers.
@@ -23,6 +24,7 @@ import gmner_rt
 from gmner_rt.errors import BundleError, InputError
 from gmner_rt.extractor import Extraction, Extractor
 from gmner_rt.predictions import iter_json_objects
+from gmner_rt.providers import ENV_PROVIDER, PROVIDERS
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the extraction as JSON")
     parser.add_argument("--draw", type=Path, help="write the image with the boxes drawn here")
     add_decoding_arguments(parser)
-    parser.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
+    add_provider_arguments(parser)
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +93,52 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that choose where a bundle runs (see :func:`gmner_rt.load`)."""
+    group = parser.add_argument_group("execution provider")
+    group.add_argument(
+        "--provider",
+        choices=PROVIDERS,
+        default=None,
+        help="auto: CUDA when onnxruntime has it, else the CPU (TensorRT when the bundle has "
+        f"engines for this GPU); default: ${ENV_PROVIDER}, else auto",
+    )
+    group.add_argument(
+        "--provider-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an onnxruntime option of that provider (repeatable), e.g. gpu_mem_limit=4000000000",
+    )
+    group.add_argument(
+        "--device-id", type=int, default=0, help="CUDA device for cuda / tensorrt (default 0)"
+    )
+    group.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
+
+
+def provider_options(values: Sequence[str]) -> dict[str, str]:
+    """``--provider-option KEY=VALUE`` flags as a dict."""
+    options = {}
+    for value in values:
+        key, sep, setting = value.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--provider-option: expected KEY=VALUE, got {value!r}")
+        options[key.strip()] = setting.strip()
+    return options
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`gmner_rt.load` that the provider flags set."""
+    if args.device_id < 0:
+        raise InputError(f"--device-id: expected a non-negative integer, got {args.device_id}")
+    return {
+        "provider": args.provider,
+        "provider_options": provider_options(args.provider_option),
+        "device_id": args.device_id,
+        "threads": args.threads,
+    }
+
+
 def decoding_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``extract`` / ``extract_batch`` that the decoding flags set."""
     if args.unconstrained and args.think_budget is not None:
@@ -104,13 +152,16 @@ def decoding_options(args: argparse.Namespace) -> dict:
     }
 
 
-def load_extractor(bundle: Path | None, threads: int | None = None) -> Extractor:
-    """``gmner_rt.load`` with a clear error for a bundle folder that does not exist."""
+def load_extractor(bundle: Path | None, **options) -> Extractor:
+    """``gmner_rt.load(bundle, **options)`` with a clear error for a bundle folder that does
+    not exist (``options``: :func:`load_options`)."""
     if bundle is not None and not bundle.is_dir():
         raise BundleError(f"--bundle {bundle}: folder not found")
     started = time.perf_counter()
-    extractor = gmner_rt.load(bundle, threads=threads)
-    log.debug("bundle loaded in %.2f s", time.perf_counter() - started)
+    extractor = gmner_rt.load(bundle, **options)
+    log.info(
+        "bundle loaded in %.2f s, running on %s", time.perf_counter() - started, extractor.provider
+    )
     return extractor
 
 
@@ -181,7 +232,7 @@ def _run_one(args: argparse.Namespace) -> int:
     text = _read_text(args)
     if args.draw is not None and not args.draw.parent.is_dir():
         raise InputError(f"--draw {args.draw}: folder {args.draw.parent} does not exist")
-    extractor = load_extractor(args.bundle, args.threads)
+    extractor = load_extractor(args.bundle, **load_options(args))
     extraction = extractor.extract(args.image, text, **decoding_options(args))
     if args.json:
         print(json.dumps(extraction.to_dict(), ensure_ascii=False, indent=2))
@@ -232,7 +283,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         flags = ", ".join("--" + f.replace("_", "-") for f in given)
         raise InputError(f"--batch takes its images and texts from the file; drop {flags}")
     rows = read_batch(args.batch)
-    extractor = load_extractor(args.bundle, args.threads)
+    extractor = load_extractor(args.bundle, **load_options(args))
     started = time.perf_counter()
     for chunk in _chunks(rows, args.batch_size):
         pairs = [(row["_path"], row["text"]) for row in chunk]

@@ -55,7 +55,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -299,7 +299,7 @@ def _run_builder(
             "model_dir": str(model),
             "command": command[1:],
             "build_seconds": round(seconds, 3),
-            "built_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "built_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
         _write_json(out / STAMP_NAME, stamp)
         if final.exists():  # an unfinished folder (no stamp), or another process's build

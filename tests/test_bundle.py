@@ -250,9 +250,9 @@ def test_written_manifest_has_sorted_keys_and_indent_2(bundle_dir: Path):
 
 def test_unknown_top_level_key_lands_in_extra():
     data = make_manifest()
-    data["engines"] = {"tensorrt": {"file": "decoder.engine"}}
+    data["plugins"] = {"tensorrt": {"file": "decoder.engine"}}
     manifest = parse_manifest(data)
-    assert manifest.extra == {"engines": {"tensorrt": {"file": "decoder.engine"}}}
+    assert manifest.extra == {"plugins": {"tensorrt": {"file": "decoder.engine"}}}
     assert manifest_to_dict(manifest) == data
 
 

@@ -71,6 +71,7 @@ def test_help_exits_0_and_prints_usage(argv, usage, mentions, capsys):
 
 @pytest.mark.slow
 def test_tiny_model_help_exits_0_and_prints_usage():
+    pytest.importorskip("torch")
     # gmner.train.tiny_model imports torch at module level: keep it out of the test process.
     proc = _run_py(
         """

@@ -64,7 +64,7 @@ def backends(plain_bundle, embeds_build):
     from gmner_rt.extractor import Extractor
 
     bundle = load_bundle(plain_bundle)
-    ours = OrtGraphs.from_bundle(bundle, providers=["CPUExecutionProvider"], threads=2)
+    ours = OrtGraphs.from_bundle(bundle, threads=2)  # the CPU
     theirs = OrtGenaiDecoder.from_bundle(bundle, embeds_build, threads=2)
     return Extractor(bundle, ours), Extractor(bundle, theirs)
 

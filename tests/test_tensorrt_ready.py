@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 
-import onnx
 import pytest
-from gmner.export.tensorrt_ready import SUPPORTED_OPS, bundle_problems, graph_problems
-from gmner.runtime.cli import main
-from onnx import TensorProto, helper
 
-from gmner_rt.bundle import file_entry
+onnx = pytest.importorskip("onnx")
+from gmner.export.tensorrt_ready import SUPPORTED_OPS, bundle_problems, graph_problems  # noqa: E402
+from gmner.runtime.cli import main  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+
+from gmner_rt.bundle import file_entry  # noqa: E402
 
 DEFAULT_BUNDLE = "gmner_rt/models/default"
 

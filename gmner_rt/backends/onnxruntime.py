@@ -7,35 +7,159 @@ values that stay where the decoder wrote them (device memory on CUDA): each deco
 the previous call's present tensors as its past (IOBinding), so the cache is never copied to
 the host or converted to numpy between steps; only the last position's logits come back.
 The graph itself concatenates past and new keys (a static-cache graph is TensorRT's path).
+
+Which execution provider each graph runs on is decided by :func:`plan` (the user's choice,
+checked by :mod:`gmner_rt.providers`; TensorRT options and prebuilt engines from
+:mod:`gmner_rt.tensorrt`); every session records where onnxruntime placed its nodes, so a
+graph that silently runs partly on the CPU is visible (:meth:`OrtGraphs.placement`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from .. import providers as prov
+from .. import tensorrt as trt
+from ..bundle import Bundle, EngineLimits, EngineSet
+from ..devices import cuda_device, tensorrt_version
 from ..errors import BackendError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OrtGraphs", "best_providers", "embed", "encode_images", "session"]
+__all__ = ["OrtGraphs", "ProviderPlan", "embed", "encode_images", "plan", "session"]
 
-#: Preferred execution providers, best first.
-PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+#: Session config entry that makes onnxruntime record which provider runs each node (>= 1.23).
+_RECORD_PLACEMENT = "session.record_ep_graph_assignment_info"
+
+#: One entry of onnxruntime's ``providers`` list: a name, or a name with its options.
+ProviderEntry = str | tuple[str, dict[str, str]]
 
 
-def best_providers() -> list[str]:
-    """The available execution providers in :data:`PROVIDER_ORDER`."""
-    import onnxruntime as ort
+@dataclass(frozen=True)
+class ProviderPlan:
+    """Where and how each graph runs.
 
-    available = set(ort.get_available_providers())
-    return [p for p in PROVIDER_ORDER if p in available]
+    Attributes:
+        provider: the provider chosen: "cpu", "cuda" or "tensorrt".
+        device_id: the CUDA device (GPU providers).
+        files: graph name -> the file its session loads (the ONNX graph, or an engine set's
+            EP-context model).
+        providers: graph name -> onnxruntime's providers list, options included.
+        limits: shapes the sessions accept (TensorRT profiles); None: any.
+        engines: the prebuilt engine set in use, or None.
+        notes: what the user should know (why engines were not used, where caches go).
+    """
+
+    provider: str
+    device_id: int
+    files: dict[str, Path]
+    providers: dict[str, list[ProviderEntry]]
+    limits: EngineLimits | None = None
+    engines: EngineSet | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def plan(
+    bundle: Bundle,
+    provider: str | None = None,
+    *,
+    provider_options: Mapping[str, Any] | None = None,
+    device_id: int = 0,
+    limits: EngineLimits | None = None,
+    legacy_providers: Sequence[str] | None = None,
+) -> ProviderPlan:
+    """The :class:`ProviderPlan` for ``bundle``: the provider asked for (``provider``, else
+    ``$GMNER_PROVIDER``, else "auto"), checked against what onnxruntime offers here.
+
+    ``limits`` sets the TensorRT profiles of the ONNX graphs (default
+    :func:`gmner_rt.tensorrt.default_limits`); prebuilt engines bring their own.
+    """
+    ort = prov.onnxruntime()
+    if not isinstance(device_id, int) or isinstance(device_id, bool) or device_id < 0:
+        raise BackendError(f"device_id: expected a non-negative integer, got {device_id!r}")
+    available = ort.get_available_providers()
+    options = prov.string_options(provider_options, source="provider_options")
+    if legacy_providers is not None:
+        warnings.warn(
+            "gmner_rt.load(providers=[...]) is deprecated; pass provider='cpu'|'cuda'|"
+            "'tensorrt'|'auto' (and provider_options=, device_id=)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if provider is not None:
+            raise BackendError("providers: give provider= or the deprecated providers=, not both")
+        name = prov.legacy_providers(legacy_providers, available)
+    else:
+        name = prov.requested(provider)
+    engines, notes = None, []
+    if name in ("auto", "tensorrt") and bundle.manifest.engines:
+        engines, refused = trt.match_engines(
+            bundle.manifest.engines, cuda_device(device_id), tensorrt_version(), ort.__version__
+        )
+        notes += refused
+    chosen = prov.choose(name, available, engines_here=engines is not None)
+    files = {g: bundle.file(spec.file) for g, spec in bundle.manifest.graphs.items()}
+    cuda = {"device_id": str(device_id)}
+    cpu: list[ProviderEntry] = ["CPUExecutionProvider"]
+    if chosen == "cpu":
+        entries = {g: [("CPUExecutionProvider", options)] if options else cpu for g in files}
+        return ProviderPlan("cpu", device_id, files, entries, notes=tuple(notes))
+    if chosen == "cuda":
+        entry = ("CUDAExecutionProvider", {**cuda, **options})
+        return ProviderPlan(
+            "cuda", device_id, files, {g: [entry, *cpu] for g in files}, notes=tuple(notes)
+        )
+    trt.check_option_names(options, source="provider_options")
+    fallback = ("CUDAExecutionProvider", cuda) if prov.ORT_NAMES["cuda"] in available else None
+    tail = [fallback, *cpu] if fallback else cpu
+    if engines is not None:
+        files = {g: bundle.path / path for g, path in engines.graphs.items()}
+        entry = ("TensorrtExecutionProvider", {**cuda, **options})
+        notes.append(f"TensorRT engines {engines.name} ({engines.device_name})")
+        return ProviderPlan(
+            "tensorrt",
+            device_id,
+            files,
+            {g: [entry, *tail] for g in files},
+            limits=engines.limits,
+            engines=engines,
+            notes=tuple(notes),
+        )
+    limits = limits or trt.default_limits(bundle.manifest)
+    cache = trt_cache_dir(bundle)
+    settings = trt.TrtSettings(limits, device_id=device_id, cache_dir=cache)
+    per_graph = trt.session_options(bundle.manifest, settings)
+    notes.append(f"TensorRT builds engines for the ONNX graphs on first use, cached in {cache}")
+    return ProviderPlan(
+        "tensorrt",
+        device_id,
+        files,
+        {g: [("TensorrtExecutionProvider", {**per_graph[g], **options}), *tail] for g in files},
+        limits=limits,
+        notes=tuple(notes),
+    )
+
+
+def trt_cache_dir(bundle: Bundle) -> Path:
+    """Where the TensorRT EP caches engines built from the ONNX graphs: ``trt-cache`` in the
+    bundle when it is writable, else a folder per bundle under the user's cache."""
+    if os.access(bundle.path, os.W_OK):
+        return bundle.path / "trt-cache"
+    digest = hashlib.sha256(
+        "".join(f"{n}:{e.sha256}" for n, e in sorted(bundle.manifest.files.items())).encode()
+    ).hexdigest()[:16]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "gmner" / "trt" / digest
 
 
 @dataclass(frozen=True)
@@ -48,12 +172,15 @@ class KvLayout:
     dtype: np.dtype
 
 
-def session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None):
+def session(
+    path: Path, providers: Sequence[ProviderEntry] | None = None, threads: int | None = None
+):
     """An onnxruntime session for one graph file, with the options every backend uses
-    (``threads`` intra-op threads and one inter-op thread, all graph optimizations) on
-    ``providers`` (default: :func:`best_providers`)."""
-    import onnxruntime as ort
-
+    (``threads`` intra-op threads and one inter-op thread, all graph optimizations, node
+    placement recorded) on ``providers`` (default: the CPU). When onnxruntime could not start
+    the first provider asked for (it then falls back to the CPU with only a printed warning),
+    this raises instead."""
+    ort = prov.onnxruntime()
     if not path.is_file():
         raise BackendError(f"{path}: graph file missing")
     options = ort.SessionOptions()
@@ -61,12 +188,36 @@ def session(path: Path, providers: Sequence[str] | None = None, threads: int | N
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry(_RECORD_PLACEMENT, "1")
+    entries = list(providers or ["CPUExecutionProvider"])
     try:
-        return ort.InferenceSession(
-            str(path), options, providers=list(providers or best_providers())
-        )
+        sess = ort.InferenceSession(str(path), options, providers=entries)
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise BackendError(f"{path}: onnxruntime could not load it ({exc})") from exc
+    wanted = entries[0] if isinstance(entries[0], str) else entries[0][0]
+    if wanted not in sess.get_providers():
+        raise BackendError(
+            f"{path}: onnxruntime could not start {wanted} and fell back to "
+            f"{', '.join(sess.get_providers())}; its log above says why (often a missing CUDA, "
+            "cuDNN or TensorRT library)"
+        )
+    return sess
+
+
+def placement(sess) -> dict[str, int] | None:
+    """Nodes per execution provider in ``sess`` (None where this onnxruntime cannot say:
+    before 1.23, or without the recording entry)."""
+    if not hasattr(sess, "get_provider_graph_assignment_info"):  # onnxruntime < 1.23
+        return None
+    try:
+        subgraphs = sess.get_provider_graph_assignment_info()
+    except Exception as exc:  # onnxruntime's untyped Fail: the session did not record it
+        log.debug("no node placement recorded: %s", exc)
+        return None
+    counts: dict[str, int] = {}
+    for sub in subgraphs:
+        counts[sub.ep_name] = counts.get(sub.ep_name, 0) + len(sub.get_nodes())
+    return counts
 
 
 class OrtGraphs:
@@ -77,13 +228,20 @@ class OrtGraphs:
         files: Mapping[str, str | Path],
         kv: KvLayout,
         *,
-        providers: Sequence[str] | None = None,
+        providers: Sequence[ProviderEntry] | Mapping[str, Sequence[ProviderEntry]] | None = None,
         threads: int | None = None,
+        device_id: int = 0,
+        limits: EngineLimits | None = None,
     ):
+        def entries(graph: str):
+            return providers.get(graph) if isinstance(providers, Mapping) else providers
+
         self.kv = kv
-        self.vision = session(Path(files["vision"]), providers, threads)
-        self.embedding = session(Path(files["embedding"]), providers, threads)
-        self.decoder = session(Path(files["decoder"]), providers, threads)
+        self.limits = limits
+        self.device_id = device_id
+        self.vision = session(Path(files["vision"]), entries("vision"), threads)
+        self.embedding = session(Path(files["embedding"]), entries("embedding"), threads)
+        self.decoder = session(Path(files["decoder"]), entries("decoder"), threads)
         self._past_names = [
             f"past_{kind}_{layer}" for layer in range(kv.num_layers) for kind in ("key", "value")
         ]
@@ -91,10 +249,10 @@ class OrtGraphs:
         self.device = "cuda" if self.decoder.get_providers()[0] in _GPU_PROVIDERS else "cpu"
 
     @classmethod
-    def from_bundle(cls, bundle, *, providers=None, threads=None) -> OrtGraphs:
-        """Sessions for a validated :class:`gmner_rt.bundle.Bundle`."""
+    def from_bundle(cls, bundle, plan: ProviderPlan | None = None, *, threads=None) -> OrtGraphs:
+        """Sessions for a validated :class:`gmner_rt.bundle.Bundle` as ``plan`` says
+        (default: the CPU)."""
         m = bundle.manifest
-        files = {name: bundle.file(spec.file) for name, spec in m.graphs.items()}
         kv = KvLayout(
             m.kv_cache.num_layers,
             m.kv_cache.num_kv_heads,
@@ -102,7 +260,29 @@ class OrtGraphs:
             np.dtype(m.kv_cache.dtype),
         )
         threads = threads if threads is not None else _env_threads()
-        return cls(files, kv, providers=providers, threads=threads)
+        if plan is None:
+            files = {name: bundle.file(spec.file) for name, spec in m.graphs.items()}
+            return cls(files, kv, threads=threads)
+        return cls(
+            plan.files,
+            kv,
+            providers=plan.providers,
+            threads=threads,
+            device_id=plan.device_id,
+            limits=plan.limits,
+        )
+
+    def sessions(self) -> dict[str, Any]:
+        """Graph name -> its onnxruntime session."""
+        return {"vision": self.vision, "embedding": self.embedding, "decoder": self.decoder}
+
+    def providers(self) -> dict[str, list[str]]:
+        """Graph name -> the providers its session holds, first = preferred."""
+        return {name: s.get_providers() for name, s in self.sessions().items()}
+
+    def placement(self) -> dict[str, dict[str, int] | None]:
+        """Graph name -> nodes per execution provider (None where onnxruntime cannot say)."""
+        return {name: placement(s) for name, s in self.sessions().items()}
 
     def encode_images(self, pixel_values: np.ndarray, indices) -> np.ndarray:
         """``image_embeds [groups, hidden]`` for packed images and their host-side indices."""
@@ -136,7 +316,7 @@ class OrtGraphs:
                 binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in self._present_names:
-            binding.bind_output(name, self.device)
+            binding.bind_output(name, self.device, self.device_id if self.device != "cpu" else 0)
         self.decoder.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy()[:, -1, :], list(outputs[1:])
