@@ -157,6 +157,9 @@ def _default_session(path: Path, options: dict[str, str]):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    # Fail on any node TensorRT does not take, on every onnxruntime version (the placement
+    # record above exists only from 1.23): an EP-context model must be TensorRT's alone.
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     return ort.InferenceSession(str(path), so, providers=[("TensorrtExecutionProvider", options)])
 
 
@@ -193,11 +196,17 @@ def _build_graph(
 
 
 def check_engines(
-    bundle: Bundle, files: Mapping[str, Path], providers, limits: EngineLimits, tokens: int
+    bundle: Bundle,
+    files: Mapping[str, Path],
+    providers,
+    limits: EngineLimits,
+    tokens: int,
+    device_id: int = 0,
 ) -> dict:
-    """Greedy tokens of a probe pair decoded by ``files`` on ``providers`` (inside ``limits``)
-    and by the bundle's ONNX graphs on the CPU: how many agree before the first difference,
-    and the seconds each took."""
+    """Greedy tokens of a probe pair decoded by ``files`` on ``providers`` (device
+    ``device_id``) and by the bundle's ONNX graphs on the CPU, both inside ``limits`` (the same
+    image resize): how many agree before the first difference, and the seconds each took.
+    Both are loaded at once: on an 8 GB board, build with ``--check-tokens 0``."""
     from PIL import Image
 
     from gmner_rt.backends.onnxruntime import OrtGraphs
@@ -206,7 +215,8 @@ def check_engines(
     image = Image.new("RGB", (448, 336), (90, 140, 200))
     text = "Alice Smith visits the Louvre in Paris"
     cpu = OrtGraphs.from_bundle(bundle)
-    built = OrtGraphs(files, cpu.kv, providers=providers, limits=limits)
+    cpu.limits = limits
+    built = OrtGraphs(files, cpu.kv, providers=providers, limits=limits, device_id=device_id)
     out: dict = {"probe_tokens": tokens}
     ids = {}
     for label, graphs in (("cpu", cpu), ("engines", built)):
@@ -261,7 +271,9 @@ def build_engines(
             files = {g: stage / f"{g}_ctx.onnx" for g in GRAPH_NAMES}
             entry = [("TensorrtExecutionProvider", {"device_id": str(device.index)})]
             providers = {g: entry for g in files}
-            check |= check_engines(bundle, files, providers, plan.limits, config.check_tokens)
+            check |= check_engines(
+                bundle, files, providers, plan.limits, config.check_tokens, device.index
+            )
             if not check["identical"]:
                 log.warning(
                     "engines and CPU graphs agree on %d of %d greedy tokens",

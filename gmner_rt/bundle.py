@@ -35,6 +35,7 @@ __all__ += ["KvCacheSpec", "Manifest", "ModelInfo", "PromptSpec", "QUANT_SCHEMES
 __all__ += ["QuantizationSpec", "TensorSpec", "TextConfig", "TokenIds", "VisionConfig"]
 __all__ += ["EngineLimits", "EngineSet", "ShapeRange", "ENGINE_PRECISIONS"]
 __all__ += ["engine_set_to_dict", "file_entry", "load_bundle", "manifest_to_dict"]
+__all__ += ["verify_engine_set"]
 __all__ += ["parse_manifest", "write_manifest"]
 
 FORMAT = "gmner-bundle"
@@ -871,15 +872,27 @@ def _verify_file(path: Path, entry: FileEntry, verify_hash: bool) -> None:
 
 def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True) -> Bundle:
     """Reads and validates ``path/manifest.json`` and checks every listed file's size (and
-    sha256 unless ``verify_hashes`` is False: hashing a multi-GB bundle takes seconds)."""
+    sha256 unless ``verify_hashes`` is False: hashing a multi-GB bundle takes seconds), except
+    those of TensorRT engine sets (:func:`verify_engine_set`)."""
     root = Path(path)
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not a gmner bundle: {MANIFEST_NAME} missing")
     manifest = parse_manifest(_read_json(manifest_path), source=str(manifest_path))
+    engine_dirs = tuple(e.dir + "/" for e in manifest.engines)
     for name, entry in manifest.files.items():
-        _verify_file(root / name, entry, verify_hashes)
+        if not name.startswith(engine_dirs):  # checked when a set is chosen
+            _verify_file(root / name, entry, verify_hashes)
     return Bundle(root, manifest)
+
+
+def verify_engine_set(bundle: Bundle, engine: EngineSet, *, verify_hashes: bool = True) -> None:
+    """Checks the files of one engine set like :func:`load_bundle` checks the others (engine
+    sets are checked only when one is about to be used: they are large, and a set for another
+    GPU may have been deleted to save space)."""
+    for name, entry in bundle.manifest.files.items():
+        if name.startswith(engine.dir + "/"):
+            _verify_file(bundle.path / name, entry, verify_hashes)
 
 
 def write_manifest(bundle_dir: str | os.PathLike, data: dict) -> Path:

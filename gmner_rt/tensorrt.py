@@ -20,6 +20,7 @@ does) and reads devices through :mod:`gmner_rt.devices`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from .errors import BackendError, BundleError, InputError
 
 __all__ = ["DIM_NAMES", "TRT_OPTION_NAMES", "TrtSettings", "default_limits", "dim_ranges"]
 __all__ += ["engine_set_name", "graph_profile", "image_token_cap", "match_engines"]
-__all__ += ["max_windows", "profile_options", "profiles", "resolve_limits", "session_options"]
+__all__ += ["cache_prefix", "max_windows", "profile_options", "profiles", "resolve_limits"]
+__all__ += ["session_options"]
 
 #: Provider option names of onnxruntime's TensorRT EP, as its documentation and
 #: ``tensorrt_execution_provider_info.cc`` name them (onnxruntime 1.19 to 1.32). Every option
@@ -242,9 +244,24 @@ def session_options(manifest: Manifest, settings: TrtSettings) -> dict[str, dict
     for name, profile in profiles(manifest, settings.limits).items():
         options = {**common, **profile_options(profile)}
         if settings.cache_dir is not None:
-            options["trt_engine_cache_prefix"] = name
+            options["trt_engine_cache_prefix"] = cache_prefix(manifest, name, settings.limits, fp16)
         out[name] = options
     return out
+
+
+def cache_prefix(manifest: Manifest, graph: str, limits: EngineLimits, fp16: bool) -> str:
+    """The cached engines' name prefix: the graph, a digest of its files' sha256, the limits
+    and the precision. onnxruntime names cached engines by the graph's structure and file name
+    only, so without this a re-exported bundle (new weights, same structure) or other limits
+    would load stale engines from the cache."""
+    spec = manifest.graphs[graph]
+    hashes = [manifest.files[f].sha256 for f in (spec.file, spec.data_file) if f is not None]
+    digest = hashlib.sha256("".join(hashes).encode()).hexdigest()[:12]
+    precision = "fp16" if fp16 else "fp32"
+    return (
+        f"{graph}-{digest}-{precision}-mb{limits.max_batch}-mc{limits.max_context}"
+        f"-mit{limits.max_image_tokens}"
+    )
 
 
 def engine_set_name(device: CudaDevice, tensorrt: str, precision: str, limits: EngineLimits) -> str:

@@ -326,8 +326,19 @@ def run_gmner_rt(spec: WorkerSpec, figures: Figures) -> None:
     import gmner_rt
 
     started = time.perf_counter()
+    limits = None
+    if spec.provider == "tensorrt":  # profiles wide enough for the batched figures
+        from gmner_rt.bundle import load_bundle
+        from gmner_rt.tensorrt import resolve_limits
+
+        manifest = load_bundle(spec.bundle, verify_hashes=False).manifest
+        limits = resolve_limits(manifest, max_batch=max(1, spec.batch))
     extractor = gmner_rt.load(
-        spec.bundle, provider=spec.provider, device_id=spec.device_id, threads=spec.threads
+        spec.bundle,
+        provider=spec.provider,
+        device_id=spec.device_id,
+        threads=spec.threads,
+        limits=limits,
     )
     figures.load_s = time.perf_counter() - started
     figures.notes.append(f"gmner_rt on {extractor.provider}: {extractor.placement()}")

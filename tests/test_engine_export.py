@@ -226,3 +226,21 @@ def test_the_engine_check_compares_greedy_tokens(bundle_dir):
     cpu = {g: ["CPUExecutionProvider"] for g in files}
     check = check_engines(bundle, files, cpu, EngineLimits(1, 1088, 36), 12)
     assert check["identical"] and check["agree_tokens"] >= 1 and check["probe_tokens"] == 12
+
+
+def test_engine_files_are_checked_only_for_the_set_in_use(bundle_dir, monkeypatch):
+    folder = build(bundle_dir)
+    ort = prov.onnxruntime()
+    offered = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: offered)
+    monkeypatch.setattr(backend, "tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(backend, "cuda_device", lambda i: ORIN)
+    ctx = folder / "decoder_ctx.onnx"
+    ctx.write_bytes(b"x" * ctx.stat().st_size)  # same size, other bytes
+    bundle = load_bundle(bundle_dir)  # loads: engine files are not checked here
+    plan = backend.plan(bundle, "auto")
+    assert plan.engines is None and plan.provider == "cuda"
+    assert any("sha256 mismatch" in n for n in plan.notes)
+    shutil.rmtree(folder)  # deleted to save space: the bundle still loads and runs
+    plan = backend.plan(load_bundle(bundle_dir), "auto")
+    assert plan.engines is None and any("missing" in n for n in plan.notes)

@@ -253,3 +253,23 @@ def test_bundle_prompt_follows_the_training_config(adapter, tmp_path):
         trained_prompt_style(ckpt)
     with pytest.raises(ValueError, match="prompt: expected one of"):
         BundleOptions(model=tmp_path, adapter=None, out=tmp_path / "c", prompt="terse")
+
+
+def test_provider_parity_holds_a_provider_to_the_exports_check(tiny, adapter, tiny_bundle):
+    """What the GPU check runs on CUDA (scripts/gpu_check.sh), here on the CPU provider: the
+    export's own probes, tensors and greedy tokens against the PyTorch model."""
+    from gmner.export.provider_parity import provider_parity
+
+    report = provider_parity(tiny, tiny_bundle, "cpu", adapter=adapter)
+    assert report["passed"] and report["failures"] == []
+    assert report["provider"] == "cpu" and report["bundle_dtype"] == "float32"
+    assert report["checks"] > 10 and set(report["max_relative_error"]) >= {"decoder", "vision"}
+    assert report["providers"]["decoder"] == ["CPUExecutionProvider"]
+
+
+def test_provider_parity_reports_a_mismatch_without_raising(tiny, tiny_bundle):
+    """Against the base model without the adapter, the merged bundle's logits differ."""
+    from gmner.export.provider_parity import provider_parity
+
+    report = provider_parity(tiny, tiny_bundle, "cpu")
+    assert not report["passed"] and any("decoder" in f for f in report["failures"])

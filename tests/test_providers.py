@@ -5,6 +5,7 @@ flags. No GPU is needed: the GPU paths are checked through their option dictiona
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import gmner_rt
 from gmner_rt import providers as prov
 from gmner_rt.backends import onnxruntime as backend
-from gmner_rt.bundle import load_bundle
+from gmner_rt.bundle import load_bundle, parse_manifest
 from gmner_rt.errors import BackendError
 from gmner_rt.extractor import DEFAULT_BUNDLE
 from gmner_rt.tensorrt import TRT_OPTION_NAMES
@@ -168,10 +169,52 @@ def test_tensorrt_plan_has_profiles_caches_and_a_cuda_fallback(bundle, offered):
         assert options["trt_max_workspace_size"] == str(1 << 30)
         assert options["trt_engine_cache_path"] == str(bundle.path / "trt-cache")
         assert options["trt_timing_cache_path"] == str(bundle.path / "trt-cache")
-        assert options["trt_engine_cache_prefix"] == graph
+        digest = options["trt_engine_cache_prefix"].split("-")[1]
+        assert options["trt_engine_cache_prefix"] == f"{graph}-{digest}-fp32-mb1-mc1088-mit36"
         assert options["trt_fp16_enable"] == "False"  # an fp32 bundle
         assert options["trt_profile_min_shapes"] and options["trt_profile_max_shapes"]
     assert any("builds engines for the ONNX graphs on first use" in n for n in plan.notes)
+
+
+def test_cached_engines_are_keyed_by_the_graphs_files_and_the_limits(bundle):
+    from gmner_rt import tensorrt as trt
+
+    m = bundle.manifest
+    limits = trt.default_limits(m)
+    first = trt.cache_prefix(m, "decoder", limits, False)
+    assert trt.cache_prefix(m, "decoder", limits, True) != first
+    wider = trt.resolve_limits(m, max_batch=2)
+    assert trt.cache_prefix(m, "decoder", wider, False) != first
+    data = json.loads((bundle.path / "manifest.json").read_text())
+    data["files"]["decoder.onnx"]["sha256"] = "f" * 64  # re-exported: new weights
+    assert trt.cache_prefix(parse_manifest(data), "decoder", limits, False) != first
+
+
+def test_the_engine_cache_folder_is_created_or_named_in_an_error(bundle, monkeypatch, tmp_path):
+    monkeypatch.setattr(backend.os, "access", lambda *_: False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "deep" / "cache"))
+    assert backend.trt_cache_dir(bundle).is_dir()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    with pytest.raises(BackendError, match="TensorRT engine cache .*: cannot create it"):
+        backend.trt_cache_dir(bundle)
+
+
+def test_auto_routes_trt_options_to_tensorrt_and_the_rest_to_cuda(bundle, offered):
+    offered(CUDA)
+    options = {"gpu_mem_limit": "1", "trt_max_workspace_size": "2"}
+    plan = backend.plan(bundle, "auto", provider_options=options)
+    assert plan.provider == "cuda"
+    assert plan.providers["decoder"][0] == (
+        "CUDAExecutionProvider",
+        {"device_id": "0", "gpu_mem_limit": "1"},
+    )
+    assert any("trt_max_workspace_size unused: auto chose CUDA" in n for n in plan.notes)
+    offered(CPU)
+    plan = backend.plan(bundle, "auto", provider_options=options)
+    assert plan.providers["decoder"] == ["CPUExecutionProvider"]
+    assert any("unused: auto chose the CPU" in n for n in plan.notes)
 
 
 def test_tensorrt_options_are_checked_by_name(bundle, offered):
@@ -291,17 +334,27 @@ def test_placement_counts_nodes_per_provider():
     assert backend.placement(object()) is None
 
 
-def test_a_gpu_run_with_nodes_on_the_cpu_is_warned_about(caplog):
+def test_a_gpu_run_with_compute_nodes_on_the_cpu_is_warned_about(caplog):
     from gmner_rt.extractor import _log_placement
 
     class Backend:
+        def __init__(self, ops):
+            self.ops = ops
+
         def placement(self):
             return {"decoder": {"CUDAExecutionProvider": 90, "CPUExecutionProvider": 4}}
+
+        def cpu_ops(self):
+            return {"decoder": self.ops}
 
         def sessions(self):
             return {}
 
     b = load_bundle(DEFAULT_BUNDLE, verify_hashes=False)
-    with caplog.at_level("WARNING"):
-        _log_placement(Path("b"), b, Backend(), "cuda")
-    assert "decoder: 4 of 94 nodes run on the CPU, not on cuda" in caplog.text
+    with caplog.at_level("INFO"):
+        _log_placement(Path("b"), b, Backend({"MatMul": 3, "Shape": 1}), "cuda")
+    assert "decoder: compute nodes run on the CPU, not on cuda: MatMul x3" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        _log_placement(Path("b"), b, Backend({"Shape": 3, "Gather": 1}), "cuda")
+    assert "WARNING" not in caplog.text and "4 shape/index nodes on the CPU" in caplog.text

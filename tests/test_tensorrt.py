@@ -396,3 +396,96 @@ def test_images_are_kept_inside_the_profiles_image_tokens(cpu_graphs):
 def test_unknown_options_in_engine_plans_fail_early():
     with pytest.raises(BackendError, match="trt_fp16_enabled"):
         trt.check_option_names({"trt_fp16_enabled": "1"}, source="x")
+
+
+class _Recording:
+    """A backend that records every shape it is fed, as TensorRT's profiles see them."""
+
+    def __init__(self, graphs, limits):
+        self.graphs, self.limits, self.kv = graphs, limits, graphs.kv
+        self.decoder = graphs.decoder
+        self.fed: list[tuple[str, str, tuple[int, ...]]] = []
+
+    def encode_images(self, pixel_values, indices):
+        for name, value in (
+            ("pixel_values", pixel_values),
+            ("rot_pos_ids", indices.rot_pos_ids),
+            ("window_index", indices.window_index),
+            ("reverse_index", indices.reverse_index),
+            ("cu_seqlens", indices.cu_seqlens),
+            ("cu_window_seqlens", indices.cu_window_seqlens),
+        ):
+            self.fed.append(("vision", name, tuple(value.shape)))
+        return self.graphs.encode_images(pixel_values, indices)
+
+    def embed(self, input_ids):
+        self.fed.append(("embedding", "input_ids", tuple(input_ids.shape)))
+        return self.graphs.embed(input_ids)
+
+    def empty_cache(self, batch):
+        return self.graphs.empty_cache(batch)
+
+    def decode(self, embeds, mask, positions, past):
+        self.fed.append(("decoder", "inputs_embeds", tuple(embeds.shape)))
+        self.fed.append(("decoder", "attention_mask", tuple(mask.shape)))
+        self.fed.append(("decoder", "position_ids", tuple(positions.shape)))
+        first = past[0] if isinstance(past[0], np.ndarray) else past[0].numpy()
+        self.fed.append(("decoder", "past_key_0", tuple(first.shape)))
+        return self.graphs.decode(embeds, mask, positions, past)
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_every_shape_fed_stays_inside_the_profiles(cpu_graphs, constrained):
+    """A batch under tight limits (3 rows, a context just large enough, jump-forward asked
+    for): every input the backend is fed is within the TensorRT profiles' min and max."""
+    bundle, graphs = cpu_graphs
+    probe = Extractor(bundle, graphs).prompt_batch(_pairs(3), think=True)
+    new = 60
+    limits = EngineLimits(
+        max_batch=3, max_context=probe.input_ids.shape[1] + new, max_image_tokens=36
+    )
+    recording = _Recording(graphs, limits)
+    extractor = Extractor(bundle, recording)
+    rng = np.random.default_rng(1)
+
+    def scramble(logits, _state):  # row 0 rambles to the limit while the others answer
+        logits = logits.copy()  # with forced runs: the rows' steps misalign
+        logits[0] = rng.normal(size=logits.shape[1]).astype(logits.dtype) * 20
+        return logits
+
+    extractor.extract_batch(
+        _pairs(3), think="on", constrained=constrained, max_new_tokens=new, logits_hook=scramble
+    )
+    profile = trt.profiles(bundle.manifest, limits)
+    assert len(recording.fed) > 20
+    for graph, name, shape in recording.fed:
+        r = profile[graph][name]
+        assert all(lo <= d <= hi for lo, d, hi in zip(r.min, shape, r.max, strict=True)), (
+            graph,
+            name,
+            shape,
+            r,
+        )
+
+
+def test_jump_forward_is_off_for_batches_under_the_profiles(cpu_graphs, monkeypatch):
+    """In a batch, rows' forced runs are padded to the longest, so the cache can grow by more
+    than the tokens made: under TensorRT's limits, jump-forward runs for single rows only."""
+    import gmner_rt.extractor as ex
+
+    bundle, graphs = cpu_graphs
+    seen = []
+    real = ex.RequestConstraint
+
+    def spy(grammar, table, *, think_budget=None, jump_forward=True):
+        seen.append(jump_forward)
+        return real(grammar, table, think_budget=think_budget, jump_forward=jump_forward)
+
+    monkeypatch.setattr(ex, "RequestConstraint", spy)
+    limited = _limited(bundle, graphs, EngineLimits(3, 1024, 36))
+    limited.extract_batch(_pairs(3), max_new_tokens=30)
+    assert seen == [False, False, False]
+    seen.clear()
+    limited.extract(*_pairs(1)[0], max_new_tokens=30)
+    Extractor(bundle, graphs).extract_batch(_pairs(2), max_new_tokens=30)
+    assert seen == [True, True, True]

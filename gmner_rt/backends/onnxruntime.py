@@ -29,9 +29,9 @@ import numpy as np
 
 from .. import providers as prov
 from .. import tensorrt as trt
-from ..bundle import Bundle, EngineLimits, EngineSet
+from ..bundle import Bundle, EngineLimits, EngineSet, verify_engine_set
 from ..devices import cuda_device, tensorrt_version
-from ..errors import BackendError
+from ..errors import BackendError, BundleError
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,15 @@ def plan(
     device_id: int = 0,
     limits: EngineLimits | None = None,
     legacy_providers: Sequence[str] | None = None,
+    verify_hashes: bool = True,
 ) -> ProviderPlan:
     """The :class:`ProviderPlan` for ``bundle``: the provider asked for (``provider``, else
     ``$GMNER_PROVIDER``, else "auto"), checked against what onnxruntime offers here.
 
     ``limits`` sets the TensorRT profiles of the ONNX graphs (default
-    :func:`gmner_rt.tensorrt.default_limits`); prebuilt engines bring their own.
+    :func:`gmner_rt.tensorrt.default_limits`); prebuilt engines bring their own. The files of
+    the engine set chosen are checked here (sizes, and sha256 with ``verify_hashes``); a set
+    whose files are missing or changed is not used, with the reason in ``notes``.
     """
     ort = prov.onnxruntime()
     if not isinstance(device_id, int) or isinstance(device_id, bool) or device_id < 0:
@@ -107,24 +110,27 @@ def plan(
             bundle.manifest.engines, cuda_device(device_id), tensorrt_version(), ort.__version__
         )
         notes += refused
+    if engines is not None:
+        engines = _usable(bundle, engines, verify_hashes, notes)
     chosen = prov.choose(name, available, engines_here=engines is not None)
+    user = _route_options(options, name, chosen, notes)
     files = {g: bundle.file(spec.file) for g, spec in bundle.manifest.graphs.items()}
-    cuda = {"device_id": str(device_id)}
-    cpu: list[ProviderEntry] = ["CPUExecutionProvider"]
+    cuda = {"device_id": str(device_id), **user["cuda"]}
+    cpu: list[ProviderEntry] = [("CPUExecutionProvider", user["cpu"])] if user["cpu"] else []
+    cpu = cpu or ["CPUExecutionProvider"]
     if chosen == "cpu":
-        entries = {g: [("CPUExecutionProvider", options)] if options else cpu for g in files}
-        return ProviderPlan("cpu", device_id, files, entries, notes=tuple(notes))
+        return ProviderPlan("cpu", device_id, files, {g: cpu for g in files}, notes=tuple(notes))
     if chosen == "cuda":
-        entry = ("CUDAExecutionProvider", {**cuda, **options})
+        entry = ("CUDAExecutionProvider", cuda)
         return ProviderPlan(
             "cuda", device_id, files, {g: [entry, *cpu] for g in files}, notes=tuple(notes)
         )
-    trt.check_option_names(options, source="provider_options")
+    trt.check_option_names(user["tensorrt"], source="provider_options")
     fallback = ("CUDAExecutionProvider", cuda) if prov.ORT_NAMES["cuda"] in available else None
     tail = [fallback, *cpu] if fallback else cpu
     if engines is not None:
         files = {g: bundle.path / path for g, path in engines.graphs.items()}
-        entry = ("TensorrtExecutionProvider", {**cuda, **options})
+        entry = ("TensorrtExecutionProvider", {"device_id": str(device_id), **user["tensorrt"]})
         notes.append(f"TensorRT engines {engines.name} ({engines.device_name})")
         return ProviderPlan(
             "tensorrt",
@@ -144,22 +150,66 @@ def plan(
         "tensorrt",
         device_id,
         files,
-        {g: [("TensorrtExecutionProvider", {**per_graph[g], **options}), *tail] for g in files},
+        {
+            g: [("TensorrtExecutionProvider", {**per_graph[g], **user["tensorrt"]}), *tail]
+            for g in files
+        },
         limits=limits,
         notes=tuple(notes),
     )
 
 
+def _route_options(
+    options: dict[str, str], asked: str, chosen: str, notes: list[str]
+) -> dict[str, dict[str, str]]:
+    """The user's provider options per provider entry. Asked for by name, they go to that
+    provider; with "auto", ``trt_*`` options go to TensorRT and the others to CUDA (which is
+    TensorRT's fallback too), so options written for CUDA keep working once engines exist."""
+    out: dict[str, dict[str, str]] = {"cpu": {}, "cuda": {}, "tensorrt": {}}
+    if asked != "auto":
+        out[asked] = dict(options)
+        return out
+    out["tensorrt"] = {k: v for k, v in options.items() if k.startswith("trt_")}
+    out["cuda"] = {k: v for k, v in options.items() if not k.startswith("trt_")}
+    if chosen == "cpu" and options:
+        notes.append(f"provider options {', '.join(options)} unused: auto chose the CPU")
+    if chosen == "cuda" and out["tensorrt"]:
+        notes.append(f"provider options {', '.join(out['tensorrt'])} unused: auto chose CUDA")
+    return out
+
+
+def _usable(bundle: Bundle, engines: EngineSet, verify_hashes: bool, notes: list[str]):
+    """``engines`` when its files are all there and unchanged, else None (with the reason)."""
+    try:
+        verify_engine_set(bundle, engines, verify_hashes=verify_hashes)
+    except BundleError as exc:
+        notes.append(f"engines {engines.name} not used: {exc}")
+        log.warning("engines %s not used: %s", engines.name, exc)
+        return None
+    return engines
+
+
 def trt_cache_dir(bundle: Bundle) -> Path:
-    """Where the TensorRT EP caches engines built from the ONNX graphs: ``trt-cache`` in the
-    bundle when it is writable, else a folder per bundle under the user's cache."""
+    """Where the TensorRT EP caches engines built from the ONNX graphs, created: ``trt-cache``
+    in the bundle when it is writable, else a folder per bundle under the user's cache
+    (onnxruntime creates only the last level of a cache path itself)."""
     if os.access(bundle.path, os.W_OK):
-        return bundle.path / "trt-cache"
-    digest = hashlib.sha256(
-        "".join(f"{n}:{e.sha256}" for n, e in sorted(bundle.manifest.files.items())).encode()
-    ).hexdigest()[:16]
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "gmner" / "trt" / digest
+        cache = bundle.path / "trt-cache"
+    else:
+        digest = hashlib.sha256(
+            "".join(f"{n}:{e.sha256}" for n, e in sorted(bundle.manifest.files.items())).encode()
+        ).hexdigest()[:16]
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        cache = root / "gmner" / "trt" / digest
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackendError(
+            f"TensorRT engine cache {cache}: cannot create it ({exc.strerror}); set "
+            "XDG_CACHE_HOME to a writable folder or pass provider_options "
+            "trt_engine_cache_path=DIR"
+        ) from None
+    return cache
 
 
 @dataclass(frozen=True)
@@ -204,20 +254,39 @@ def session(
     return sess
 
 
-def placement(sess) -> dict[str, int] | None:
-    """Nodes per execution provider in ``sess`` (None where this onnxruntime cannot say:
-    before 1.23, or without the recording entry)."""
+def _subgraphs(sess) -> list | None:
     if not hasattr(sess, "get_provider_graph_assignment_info"):  # onnxruntime < 1.23
         return None
     try:
-        subgraphs = sess.get_provider_graph_assignment_info()
+        return list(sess.get_provider_graph_assignment_info())
     except Exception as exc:  # onnxruntime's untyped Fail: the session did not record it
         log.debug("no node placement recorded: %s", exc)
+        return None
+
+
+def placement(sess) -> dict[str, int] | None:
+    """Nodes per execution provider in ``sess`` (None where this onnxruntime cannot say:
+    before 1.23, or without the recording entry)."""
+    subgraphs = _subgraphs(sess)
+    if subgraphs is None:
         return None
     counts: dict[str, int] = {}
     for sub in subgraphs:
         counts[sub.ep_name] = counts.get(sub.ep_name, 0) + len(sub.get_nodes())
     return counts
+
+
+def cpu_ops(sess) -> dict[str, int] | None:
+    """Operator types placed on the CPU provider in ``sess``, with counts (None: unknown)."""
+    subgraphs = _subgraphs(sess)
+    if subgraphs is None:
+        return None
+    ops: dict[str, int] = {}
+    for sub in subgraphs:
+        if sub.ep_name == "CPUExecutionProvider":
+            for node in sub.get_nodes():
+                ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ops
 
 
 class OrtGraphs:
@@ -283,6 +352,10 @@ class OrtGraphs:
     def placement(self) -> dict[str, dict[str, int] | None]:
         """Graph name -> nodes per execution provider (None where onnxruntime cannot say)."""
         return {name: placement(s) for name, s in self.sessions().items()}
+
+    def cpu_ops(self) -> dict[str, dict[str, int] | None]:
+        """Graph name -> operator types placed on the CPU, with counts (None: unknown)."""
+        return {name: cpu_ops(s) for name, s in self.sessions().items()}
 
     def encode_images(self, pixel_values: np.ndarray, indices) -> np.ndarray:
         """``image_embeds [groups, hidden]`` for packed images and their host-side indices."""

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU checks of the open issues in one prepared call on the lent GPU machine
+# (../shared/docs/gpu-checks.md). Figures and logs go to $OUT (the device tool brings them back).
+#
+# On the CPU machine first (about 2 minutes): bash ../shared/tools/ort-gpu-parts.sh, then send
+# the parts with back-to-back `run` calls (command: mkdir -p /tmp/ortgpu && mv .gpu/<part>
+# /tmp/ortgpu/, carry: [".gpu/<part>"]), then, in the next call, with a timeout that leaves
+# room for a second try:
+#   bash scripts/gpu_check.sh
+# PROVIDER=cpu bash scripts/gpu_check.sh runs the same steps on the CPU (to check the script).
+#
+# 1. onnxruntime-gpu unpacked from the parts, the project installed without its dependencies;
+# 2. a tiny Qwen2.5-VL exported in fp32 and fp16;
+# 3. both bundles' parity on the CUDA provider against PyTorch (the export's own check);
+# 4. gmner extract on the CUDA provider (placement of every graph's nodes);
+# 5. bench-small in fp16: gmner_rt on the CUDA provider against HF transformers on the same GPU.
+# The device tool brings back at most 8 files: $OUT gets the reports (machine.txt, the parity
+# and bench JSON) and one gpu-check.tar.gz with every log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+FINAL=${OUT:-out/gpu}
+PROVIDER=${PROVIDER:-cuda}
+WORK=${WORK:-/tmp/gmner-gpu}
+OUT=$WORK/out
+mkdir -p "$FINAL" "$OUT"
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
+finish() {
+    cp "$OUT"/machine.txt "$OUT"/parity-*.json "$OUT"/bench-*.json "$FINAL"/ 2>/dev/null
+    tar czf "$FINAL/gpu-check.tar.gz" -C "$WORK" out
+}
+trap finish EXIT
+
+if [ -d /tmp/ortgpu ]; then
+    log "unpacking onnxruntime-gpu"
+    cat /tmp/ortgpu/*.part-* > /tmp/ort.tar.xz && mkdir -p /tmp/site &&
+        python3 -c "import tarfile; tarfile.open('/tmp/ort.tar.xz').extractall('/tmp/site')"
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+# CUDA and cuDNN from the machine's nvidia pip packages, for every process below.
+NV=$(python3 -c "import glob, os, site; print(':'.join(sorted(glob.glob(os.path.join(site.getsitepackages()[0], 'nvidia', '*', 'lib')))))")
+export LD_LIBRARY_PATH=$NV${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+    python3 -c "import onnxruntime as o, torch, transformers; print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__, torch.cuda.is_available()); print('transformers', transformers.__version__)"
+} | tee "$OUT/machine.txt"
+
+log "tiny model and its fp32 / fp16 bundles"
+[ -f "$WORK/tiny/config.json" ] || gmner tiny-model --out "$WORK/tiny" >"$OUT/export.log" 2>&1
+for dtype in fp32 fp16; do
+    [ -f "$WORK/b-$dtype/manifest.json" ] ||
+        gmner export --model "$WORK/tiny" --out "$WORK/b-$dtype" --dtype $dtype >>"$OUT/export.log" 2>&1
+done
+
+for dtype in fp32 fp16; do
+    log "parity on $PROVIDER, $dtype"
+    python3 -m gmner.export.provider_parity --model "$WORK/tiny" --bundle "$WORK/b-$dtype" \
+        --provider "$PROVIDER" --json "$OUT/parity-$PROVIDER-$dtype.json" >"$OUT/parity-$dtype.log" 2>&1
+    echo "rc=$?" >>"$OUT/parity-$dtype.log"
+done
+
+log "gmner extract on $PROVIDER"
+gmner -v extract --provider "$PROVIDER" --image examples/demo/3000020.png \
+    --text "Zentro meets Alice" --json >"$OUT/extract.json" 2>"$OUT/extract.log"
+echo "rc=$?" >>"$OUT/extract.log"
+
+log "bench-small fp16 on $PROVIDER against HF"
+gmner bench --preset bench-small --dtype fp16 --provider "$PROVIDER" --systems gmner_rt,hf \
+    --rounds 1 --repeats 3 --cache "$WORK/bench" --json "$OUT/bench-$PROVIDER-fp16.json" \
+    >"$OUT/bench.txt" 2>"$OUT/bench.log"
+echo "rc=$?" >>"$OUT/bench.log"
+log "done"
