@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -60,8 +61,14 @@ def wheelhouse(tmp_path_factory) -> Path:
     """gmner's own wheel and stand-ins for every dependency, in one folder."""
     pytest.importorskip("setuptools", minversion="77")  # builds without isolation
     house = tmp_path_factory.mktemp("wheels")
+    # built from a copy of the sources: setuptools writes build/ and *.egg-info/ into the tree
+    source = tmp_path_factory.mktemp("source") / "gmner"
+    skip = shutil.ignore_patterns(
+        ".git", ".venv*", "build", "out", "runs", "*.egg-info", "__pycache__"
+    )
+    shutil.copytree(ROOT, source, ignore=skip)
     built = _pip(
-        "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(house), str(ROOT), cwd=house
+        "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(house), str(source), cwd=house
     )
     assert built.returncode == 0, built.stderr
     fake_ort = {"onnxruntime/__init__.py": "__version__ = '1.99.0'\n"}
