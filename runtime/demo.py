@@ -4,7 +4,7 @@
     gmner demo --retrain             # rebuild the default model: data -> train -> export -> eval
 
 The default run uses the runtime alone (gmner_rt: no torch). ``--retrain`` imports the training
-and export packages and reproduces the shipped bundle (see :mod:`gmner.train.demo`).
+and export packages and reproduces the shipped bundle (see :mod:`gmner.runtime.demo_retrain`).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def run_examples(
 
 def run(args: argparse.Namespace) -> int:
     if args.retrain:
-        from gmner.train.demo import retrain
+        from .demo_retrain import retrain
 
         result = retrain(
             args.work,

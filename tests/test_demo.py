@@ -63,7 +63,7 @@ def test_demo_without_examples_says_what_to_do(tmp_path, caplog):
 @pytest.mark.slow
 def test_retrain_runs_the_whole_pipeline_on_a_small_task(tmp_path):
     pytest.importorskip("torch")
-    from gmner.train.demo import retrain
+    from gmner.runtime.demo_retrain import retrain
 
     result = retrain(
         tmp_path / "work",

@@ -19,11 +19,12 @@ from gmner.train.dataset import (  # noqa: E402
     IGNORE_INDEX,
     ExampleSettings,
     encode_example,
+    example_settings,  # noqa: E402
     load_image,
     prompt_messages,
     target_text,
 )
-from gmner.train.loop import example_settings, latest_checkpoint, load_rows, train  # noqa: E402
+from gmner.train.loop import latest_checkpoint, load_rows, train  # noqa: E402
 from gmner.train.modeling import load_model_and_processor  # noqa: E402
 from gmner.train.tiny_model import build_tiny_model  # noqa: E402
 from PIL import Image  # noqa: E402

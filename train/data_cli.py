@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         given = {k: getattr(args, k) for k in ("seed", "train", "dev", "test", "grid")}
         given = {k: v for k, v in given.items() if v is not None}
         if args.demo:
-            from .demo import demo_synth
+            from .demo_recipe import demo_synth
 
             if "grid" in given:
                 raise InputError("--grid: the --demo data has its own grid (3); drop one flag")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -26,6 +27,9 @@ from gmner_rt.records import EntityRecord, format_answer
 from gmner_rt.vision import to_rgb
 
 from .augment import GRBPConfig, perturb_records, sample_rng
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -180,3 +184,16 @@ def prompt_example(processor, row: dict, use_cot: bool, style: str = "full") -> 
     if "mm_token_type_ids" in prompt:
         example["mm_token_type_ids"] = prompt["mm_token_type_ids"][0]
     return example
+
+
+def example_settings(cfg: TrainConfig) -> ExampleSettings:
+    """How a run with training config ``cfg`` turns rows into examples."""
+    return ExampleSettings(
+        min_pixels=cfg.model.min_pixels,
+        max_pixels=cfg.model.max_pixels,
+        use_cot=cfg.data.use_cot,
+        max_length=cfg.optim.max_length,
+        grbp=cfg.grbp,
+        seed=cfg.optim.seed,
+        prompt=cfg.data.prompt,
+    )

@@ -127,8 +127,8 @@ def evaluate_checkpoint(
     from gmner_rt.data import load_split
 
     from .config import checkpoint_config, load_config
-    from .loop import example_settings, resolve_device
-    from .modeling import load_model_and_processor
+    from .dataset import example_settings
+    from .modeling import load_model_and_processor, resolve_device
     from .sft import SftConfig, build_rows
 
     cfg = load_config(checkpoint_config(adapter_dir))

@@ -28,9 +28,9 @@ from gmner_rt.data import load_split
 from gmner_rt.errors import InputError
 
 from .config import TrainConfig, save_config
-from .dataset import ExampleSettings, collate, encode_example
+from .dataset import ExampleSettings, collate, encode_example, example_settings
 from .evaluate import mean_loss, score_rows
-from .modeling import load_model_and_processor, resolve_dtype
+from .modeling import load_model_and_processor, resolve_device, resolve_dtype
 from .sft import SftConfig, build_rows, load_cot
 
 log = logging.getLogger(__name__)
@@ -51,16 +51,6 @@ class Position:
 # ---------------------------------------------------------------------------------------------
 # Set-up
 # ---------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def load_rows(cfg: TrainConfig) -> dict[str, list[dict]]:
@@ -243,19 +233,6 @@ def _log_metrics(run: Path, row: dict, writer=None) -> None:
         for key, value in row.items():
             if isinstance(value, int | float) and key != "step":
                 writer.add_scalar(key, value, row.get("step", 0))
-
-
-def example_settings(cfg: TrainConfig) -> ExampleSettings:
-    """How this run turns rows into examples."""
-    return ExampleSettings(
-        min_pixels=cfg.model.min_pixels,
-        max_pixels=cfg.model.max_pixels,
-        use_cot=cfg.data.use_cot,
-        max_length=cfg.optim.max_length,
-        grbp=cfg.grbp,
-        seed=cfg.optim.seed,
-        prompt=cfg.data.prompt,
-    )
 
 
 def _eval_settings(cfg: TrainConfig) -> ExampleSettings:

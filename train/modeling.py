@@ -283,3 +283,14 @@ def load_model_and_processor(
         len(processor.tokenizer),
     )
     return model, processor
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA, else Apple's MPS, else the CPU; any other name as torch reads it."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
