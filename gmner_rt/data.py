@@ -33,7 +33,7 @@ from .records import EntityRecord
 __all__ = [
     "IMAGE_EXTENSIONS",
     "LABELS",
-    "Entity",
+    "GoldEntity",
     "Tweet",
     "VocAnnotation",
     "find_image",
@@ -51,8 +51,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".JPG", ".
 
 
 @dataclass(frozen=True, slots=True)
-class Entity:
-    """A named entity of a tweet.
+class GoldEntity:
+    """A named entity of a tweet as annotated (the gold standard; results are
+    :class:`gmner_rt.Entity`).
 
     Attributes:
         mention: the entity's text, HTML-unescaped; equals ``text[char_span[0]:char_span[1]]``.
@@ -92,7 +93,7 @@ class Tweet:
     tokens: tuple[str, ...]
     tags: tuple[str, ...]
     text: str
-    entities: tuple[Entity, ...]
+    entities: tuple[GoldEntity, ...]
     image_size: tuple[int, int] | None
     xml_objects: int
 
@@ -266,7 +267,7 @@ def build_tweet(
         mention = text[char_span[0] : char_span[1]]
         boxes = by_name.get(surface) or by_name.get(mention)
         entities.append(
-            Entity(
+            GoldEntity(
                 mention, label, (start, end), char_span, surface, tuple(boxes) if boxes else None
             )
         )

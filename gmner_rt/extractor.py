@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .answers import records_to_original
 from .bundle import TOKENIZER_NAME, Bundle, EngineLimits, load_bundle
 from .constraints import RequestConstraint, TokenTable
 from .errors import BundleError, InputError
@@ -27,9 +28,17 @@ from .generate import GenerationResult, LogitsHook, PromptBatch, VisionSpec, gen
 from .geometry import Box, ImageGeometry
 from .grammar import AnswerGrammar, GrammarTags
 from .images import check_pixel_count
+from .mentions import find_spans
 from .prompt import render_prompt
 from .records import parse_output
-from .vision import ImageInput, ImageProcessorSettings, num_image_tokens, preprocess, to_rgb
+from .vision import (
+    ImageInput,
+    ImageProcessorSettings,
+    PreparedImage,
+    num_image_tokens,
+    prepare_image,
+    to_rgb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +84,10 @@ class Extraction:
         malformed: answer segments that did not parse, as written.
         token_ids: the generated token ids (stop token included).
         image_size: the original image's (width, height).
-        timings: seconds per stage (preprocess, vision, prefill, decode, choose: picking
-            tokens, the grammar's masks included, total), the
-            number of generated tokens (tokens), of decoder calls for the batch, prefill
-            included (steps), and of tokens the grammar forced (forced_tokens).
+        timings: seconds per stage (floats: preprocess, vision, prefill, decode, choose:
+            picking tokens, the grammar's masks included, total), and counts (ints): generated
+            tokens (tokens), decoder calls for the batch, prefill included (steps), and tokens
+            the grammar forced (forced_tokens).
     """
 
     records: tuple[Entity, ...]
@@ -87,7 +96,7 @@ class Extraction:
     malformed: tuple[str, ...]
     token_ids: tuple[int, ...]
     image_size: tuple[int, int]
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float | int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (lists for tuples)."""
@@ -105,29 +114,21 @@ class Extraction:
         return data
 
 
-def find_spans(text: str, mention: str) -> tuple[tuple[int, int], ...]:
-    """Non-overlapping occurrences of ``mention`` in ``text``; case-insensitive if none exact."""
-    for haystack, needle in ((text, mention), (text.casefold(), mention.casefold())):
-        if len(haystack) != len(text):  # casefold changed lengths: offsets would be wrong
-            break
-        spans, start = [], haystack.find(needle)
-        while needle and start >= 0:
-            spans.append((start, start + len(needle)))
-            start = haystack.find(needle, start + len(needle))
-        if spans:
-            return tuple(spans)
-    return ()
-
-
 @dataclass(frozen=True)
 class _Request:
-    """One prepared pair: the converted image, its pixels and grid, the prompt ids."""
+    """One prepared pair: the image ready for the vision graph, the prompt ids, the text."""
 
-    geometry: ImageGeometry
-    pixel_values: np.ndarray
-    grid: tuple[int, int, int]
+    image: PreparedImage
     prompt_ids: list[int]
     text: str
+
+    @property
+    def geometry(self) -> ImageGeometry:
+        return self.image.geometry
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.image.grid
 
 
 class Extractor:
@@ -157,6 +158,7 @@ class Extractor:
         g = m.generation
         self.tags = GrammarTags(g.think_open, g.think_close, g.answer_open, g.answer_close)
         self._token_table: TokenTable | None = None
+        self._template: dict[bool, int] = {}
 
     @property
     def token_table(self) -> TokenTable:
@@ -202,15 +204,10 @@ class Extractor:
     def _prepare(self, image: ImageInput, text: str, think: bool) -> _Request:
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"text must be a non-empty string, got {text!r}")
-        n_text = len(self.tokenizer.encode(text, add_special_tokens=False).ids)
-        if n_text > self.max_text_tokens:
-            raise InputError(
-                f"text is {n_text} tokens long; the limit is {self.max_text_tokens} "
-                "(load(..., max_text_tokens=N) raises it)"
-            )
         rgb = to_rgb(image)
         check_pixel_count(rgb.width, rgb.height)
-        pixel_values, grid = preprocess(rgb, self.image_settings)
+        prepared = prepare_image(rgb, self.image_settings)
+        grid = prepared.grid
         tokens = num_image_tokens(grid, self.vision.merge_size)
         if self.limits is not None and tokens > self.limits.max_image_tokens:
             raise InputError(
@@ -218,17 +215,23 @@ class Extractor:
                 f"profiles allow {self.limits.max_image_tokens} (an extreme aspect ratio; crop "
                 "it, or build engines with a larger --max-image-tokens)"
             )
-        s = self.image_settings
-        geometry = ImageGeometry.for_image(
-            rgb.width,
-            rgb.height,
-            min_pixels=s.min_pixels,
-            max_pixels=s.max_pixels,
-            factor=s.factor,
-        )
-        return _Request(
-            geometry, pixel_values, grid, self.prompt_ids(text, grid, think=think), text
-        )
+        ids = self.prompt_ids(text, grid, think=think)  # the text's one tokenization
+        n_text = len(ids) - tokens - self._template_tokens(think)
+        if n_text > self.max_text_tokens:
+            raise InputError(
+                f"text is {n_text} tokens long; the limit is {self.max_text_tokens} "
+                "(load(..., max_text_tokens=N) raises it)"
+            )
+        return _Request(prepared, ids, text)
+
+    def _template_tokens(self, think: bool) -> int:
+        """Prompt tokens that are neither the text's nor the image's (computed once)."""
+        if think not in self._template:
+            ids = self.prompt_ids(
+                "", (1, self.vision.merge_size, self.vision.merge_size), think=think
+            )
+            self._template[think] = len(ids) - 1
+        return self._template[think]
 
     def _batch(self, requests: Sequence[_Request]) -> PromptBatch:
         width = max(len(r.prompt_ids) for r in requests)
@@ -241,7 +244,7 @@ class Extractor:
         return PromptBatch(
             input_ids=ids,
             attention_mask=mask,
-            pixel_values=np.concatenate([r.pixel_values for r in requests]),
+            pixel_values=np.concatenate([r.image.pixel_values for r in requests]),
             grids=tuple(r.grid for r in requests),
         )
 
@@ -410,24 +413,19 @@ class Extractor:
         text_ids = [t for t in tokens if t not in eos]
         raw = self.tokenizer.decode(text_ids, skip_special_tokens=True)
         parsed = parse_output(raw)
+        tags = (self.tags.think_open, self.tags.think_close)
+        tags += (self.tags.answer_open, self.tags.answer_close)
         records = tuple(
-            Entity(
-                mention=r.mention,
-                type=r.type,
-                boxes=(
-                    tuple(request.geometry.to_original(b) for b in r.boxes) if r.boxes else None
-                ),
-                spans=find_spans(request.text, r.mention),
-            )
-            for r in parsed.records
+            Entity(r.mention, r.type, r.boxes, find_spans(request.text, r.mention, tags))
+            for r in records_to_original(parsed.records, request.geometry)
         )
         timings = {
             "preprocess": preprocess_s,
             **result.timings,
             "total": total,
-            "tokens": float(len(tokens)),
-            "steps": float(result.steps),
-            "forced_tokens": float(constraint.forced_tokens if constraint else 0),
+            "tokens": len(tokens),
+            "steps": result.steps,
+            "forced_tokens": constraint.forced_tokens if constraint else 0,
         }
         return Extraction(
             records,

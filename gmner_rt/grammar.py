@@ -22,8 +22,8 @@ from itertools import accumulate, islice
 from typing import Literal
 
 from .errors import InputError
+from .mentions import word_bounds
 from .records import (
-    ASCII_LOWER,
     BAR,
     BOX_CLOSE,
     BOX_OPEN,
@@ -124,10 +124,6 @@ def _number_completion(digits: bytes, lo: int, hi: int) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_word_char(ch: str) -> bool:
-    return ch.isalnum() or ch == "_"
-
-
 @dataclass(frozen=True)
 class _MentionText:
     """The text as UTF-8 bytes with, per byte offset, what a mention may do there."""
@@ -143,37 +139,20 @@ class _MentionText:
     @classmethod
     def of(cls, text: str, tags: Sequence[str]) -> _MentionText:
         """``tags``: the answer's tags; a mention may not hold one (any case)."""
-        chars = list(text)
         offsets, data = [], bytearray()
-        for ch in chars:
+        for ch in text:
             offsets.append(len(data))
             data.extend(ch.encode("utf-8"))
         offsets.append(len(data))
         n = len(data)
         escaped = [False] * n
         blocked = [False] * n
-        low = text.translate(ASCII_LOWER)  # keeps offsets, unlike str.lower
-        # newlines and tags' "<" may not be in a mention; as boundaries they count as spaces
-        barrier = [
-            ch in "\r\n" or (ch == "<" and any(low.startswith(t, i) for t in tags))
-            for i, ch in enumerate(chars)
-        ]
-
-        def space(i: int) -> bool:
-            return i < 0 or i >= len(chars) or chars[i].isspace() or barrier[i]
-
-        starts, ends = [], set()
-        for i, ch in enumerate(chars):
-            at = offsets[i]
-            blocked[at] = barrier[i]
-            escaped[at] = ch in ESCAPED_CHARACTERS
-            if space(i):
-                continue
-            word = _is_word_char(ch)
-            if space(i - 1) or (word and not _is_word_char(chars[i - 1])):
-                starts.append(at)
-            if space(i + 1) or (word and not _is_word_char(chars[i + 1])):
-                ends.add(offsets[i + 1])
+        bounds = word_bounds(text, tags)  # the one mention rule (gmner_rt.mentions)
+        starts = [offsets[i] for i in sorted(bounds.starts)]
+        ends = {offsets[i] for i in bounds.ends}
+        for i, ch in enumerate(text):
+            blocked[offsets[i]] = bounds.barrier[i]
+            escaped[offsets[i]] = ch in ESCAPED_CHARACTERS
         to_end = [float("inf")] * (n + 1)
         for p in range(n - 1, -1, -1):
             if blocked[p]:

@@ -41,10 +41,14 @@ BUILDS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime
 BUILDS += ("onnxruntime-qnn", "onnxruntime-training", "ort-nightly", "ort-nightly-gpu")
 
 INSTALL_HINT = (
-    "install one build of onnxruntime: pip install 'gmner[cpu]' (CPU), pip install "
-    "'gmner[gpu]' (CUDA and TensorRT on x86_64 Linux or Windows), or on a Jetson board the "
-    "onnxruntime-gpu wheel of its JetPack (runtime/jetson/README.md)"
+    "install one build of onnxruntime: pip install onnxruntime (CPU), pip install "
+    "onnxruntime-gpu (CUDA and TensorRT providers, x86_64; gmner's extras [cpu] and [gpu] "
+    "install the same), or on a Jetson board the onnxruntime-gpu wheel of its JetPack (gmner's "
+    "Jetson page: runtime/jetson/README.md in its sources, gmner/runtime/jetson/README.md "
+    "where it is installed)"
 )
+#: Names people try for a provider -> the one they mean.
+_ALIASES = {"gpu": "cuda", "trt": "tensorrt", "nvidia": "cuda", "onnx": "cpu"}
 
 
 def onnxruntime():
@@ -73,9 +77,13 @@ def requested(provider: str | None, *, source: str = "provider") -> str:
     if provider is None:
         env = os.environ.get(ENV_PROVIDER, "").strip()
         provider, source = (env, ENV_PROVIDER) if env else ("auto", source)
-    name = provider.strip().lower()
+    name = provider_name(provider.strip()).lower()
     if name not in PROVIDERS:
-        near = difflib.get_close_matches(name, PROVIDERS, n=1)
+        near = (
+            [_ALIASES[name]]
+            if name in _ALIASES
+            else difflib.get_close_matches(name, PROVIDERS, n=1)
+        )
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise BackendError(
             f"{source}: unknown provider {provider!r}{hint}; expected one of {', '.join(PROVIDERS)}"
@@ -121,8 +129,8 @@ def unavailable_message(name: str, offered: list[str]) -> str:
         what = "The CUDA provider" if name == "cuda" else "The TensorRT provider (with TensorRT)"
         return (
             f"{message}. {what} comes with onnxruntime-gpu, which replaces this build: pip "
-            f"uninstall -y {builds[0].split()[0]}, then pip install 'gmner[gpu]' (x86_64), or on "
-            "a Jetson board its JetPack's onnxruntime-gpu wheel (runtime/jetson/README.md)"
+            f"uninstall -y {builds[0].split()[0]}, then pip install onnxruntime-gpu (x86_64), or "
+            "on a Jetson board its JetPack's onnxruntime-gpu wheel (gmner's Jetson page)"
         )
     return f"{message}; {INSTALL_HINT}"
 
@@ -136,17 +144,29 @@ def provider_name(ort_name: str) -> str:
 
 
 def legacy_providers(providers: Iterable[str], available: Iterable[str]) -> str:
-    """The provider name for a legacy ``providers=[...]`` list: its first entry, checked."""
+    """The provider name for a legacy ``providers=[...]`` list, as onnxruntime read it: the
+    first one available, but the skipped ones are logged (onnxruntime skips them silently),
+    and a list with none available is an error."""
     names = list(providers)
     offered = list(available)
     if not names:
         raise BackendError("providers: an empty list; pass provider='cpu'|'cuda'|'tensorrt'")
-    first = names[0]
-    ours = provider_name(first)
-    if ours not in ORT_NAMES:
-        known = ", ".join(ORT_NAMES.values())
-        raise BackendError(f"providers: unknown execution provider {first!r} (known: {known})")
-    return choose(ours, offered)
+    known = ", ".join(ORT_NAMES.values())
+    for name in names:
+        if provider_name(name) not in ORT_NAMES:
+            raise BackendError(f"providers: unknown execution provider {name!r} (known: {known})")
+    usable = [n for n in names if n in offered]
+    if not usable:
+        return choose(provider_name(names[0]), offered)  # the error that says what to install
+    skipped = names[: names.index(usable[0])]
+    if skipped:
+        log.warning(
+            "providers: %s not available here (%s); running on %s",
+            ", ".join(skipped),
+            unavailable_message(provider_name(skipped[0]), offered),
+            usable[0],
+        )
+    return provider_name(usable[0])
 
 
 def string_options(options: Mapping[str, object] | None, *, source: str) -> dict[str, str]:

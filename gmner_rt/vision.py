@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import InputError
-from .geometry import smart_resize
-from .images import open_image
+from .geometry import ImageGeometry
+from .images import check_pixel_count, open_image
 
 __all__ = [
     "Grid",
@@ -187,6 +187,7 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape:
         raise InputError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
+    check_pixel_count(array.shape[1], array.shape[0], f"image array {array.shape}")
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
     elif array.shape[2] == 4:
@@ -199,26 +200,52 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
 # ------------------------------------------------------------------------ RGB -> pixel_values
 
 
-def preprocess(image: Image.Image, settings: ImageProcessorSettings) -> tuple[np.ndarray, Grid]:
-    """``pixel_values`` float32 [t*h*w, 3*temporal*patch*patch] and the grid ``(t, h, w)``.
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image ready for the vision graph, computed once (one ``smart_resize``).
 
-    Equal to ``Qwen2VLImageProcessorPil(...)(images=[image])`` for an RGB image: PIL resize to
-    ``smart_resize``'s size, ``uint8 * rescale_factor`` in float64 cast to float32, then
-    ``(x - mean) / std`` in float32, then patches in merge-block order.
+    Attributes:
+        pixel_values: float32 ``[t*h*w, 3*temporal*patch*patch]``, patches in merge-block order.
+        grid: ``(t, h, w)`` in patches.
+        geometry: the original size and the size the model sees (boxes map between them).
+    """
+
+    pixel_values: np.ndarray
+    grid: Grid
+    geometry: ImageGeometry
+
+
+def prepare_image(image: Image.Image, settings: ImageProcessorSettings) -> PreparedImage:
+    """The :class:`PreparedImage` of an RGB image (see :func:`to_rgb`).
+
+    Equal to ``Qwen2VLImageProcessorPil(...)(images=[image])``: PIL resize to ``smart_resize``'s
+    size, ``uint8 * rescale_factor`` in float64 cast to float32, then ``(x - mean) / std`` in
+    float32, then patches in merge-block order.
     """
     if not isinstance(image, Image.Image) or image.mode != "RGB":
         got = image.mode if isinstance(image, Image.Image) else type(image).__name__
         raise InputError(f"preprocess expects an RGB PIL image (see to_rgb), got {got}")
     try:
-        height, width = smart_resize(
-            image.height, image.width, settings.factor, settings.min_pixels, settings.max_pixels
+        geometry = ImageGeometry.for_image(
+            image.width,
+            image.height,
+            min_pixels=settings.min_pixels,
+            max_pixels=settings.max_pixels,
+            factor=settings.factor,
         )
     except ValueError as exc:
         raise InputError(f"image of {image.width}x{image.height} pixels: {exc}") from None
+    width, height = geometry.model_size
     resized = image.resize((width, height), resample=_RESAMPLE[settings.resample])
     pixels = _normalize(np.asarray(resized), settings)  # [H, W, 3]
     grid = (1, height // settings.patch_size, width // settings.patch_size)
-    return _patchify(pixels, settings), grid
+    return PreparedImage(_patchify(pixels, settings), grid, geometry)
+
+
+def preprocess(image: Image.Image, settings: ImageProcessorSettings) -> tuple[np.ndarray, Grid]:
+    """``(pixel_values, grid)`` of :func:`prepare_image`."""
+    prepared = prepare_image(image, settings)
+    return prepared.pixel_values, prepared.grid
 
 
 def preprocess_batch(

@@ -33,11 +33,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "gmner.runtime.extract",
         "extract grounded entities from an image and a text with a bundle",
     ),
+    "time": (
+        "gmner.runtime.timing",
+        "time a bundle with gmner_rt alone: time to first token, decode tokens/s, latency",
+    ),
     "bench": (
-        "gmner.runtime.bench",
-        "gmner_rt against HF transformers and onnxruntime-genai: latency, tokens/s, memory",
+        "gmner.bench.peers",
+        "gmner_rt against HF transformers and onnxruntime-genai (needs gmner-bench: ./bench)",
     ),
 }
+#: Commands whose module comes from the separate gmner-bench distribution (the bench/ folder).
+BENCH_COMMANDS = ("bench",)
 
 
 def register(name: str, module: str, help_text: str) -> None:
@@ -49,10 +55,46 @@ def _load(name: str):
     try:
         return importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as exc:
-        raise SystemExit(
-            f"gmner {name} needs the package {exc.name!r}, which is not installed; install "
-            f"gmner with its extras, e.g. pip install 'gmner[train,export]'"
-        ) from exc
+        if name in BENCH_COMMANDS and exc.name in ("gmner.bench", COMMANDS[name][0]):
+            raise SystemExit(
+                f"gmner {name} is in the gmner-bench package, kept out of the runtime's install; "
+                "from a checkout of gmner: pip install ./bench (scripts/dev.sh setup does)"
+            ) from exc
+        raise SystemExit(missing_message(name, exc.name)) from exc
+
+
+#: A package a command may miss -> what brings it (gmner's extras, or the gmner-bench package).
+_EXTRA_OF = {
+    "torch": "[train]",
+    "transformers": "[train]",
+    "peft": "[train]",
+    "accelerate": "[train]",
+    "safetensors": "[train]",
+    "tqdm": "[train]",
+    "yaml": "[train] or [export]",
+    "onnx": "[export]",
+    "onnxscript": "[export]",
+    "onnx_ir": "[export]",
+    "onnxruntime": "[cpu] or [gpu]",
+    "onnxruntime_genai": "the gmner-bench package (./bench)",
+    "matplotlib": "the gmner-bench package (./bench)",
+}
+
+
+def missing_message(command: str, module: str | None) -> str:
+    """What to install when ``gmner command`` misses the package ``module``."""
+    root = (module or "").split(".")[0]
+    extra = _EXTRA_OF.get(root, "[cpu,train,export]")
+    how = (
+        "pip install ./bench from gmner's source folder"
+        if extra.startswith("the gmner-bench")
+        else f"pip install '.{extra.split(' or ')[0]}' from gmner's source folder"
+    )
+    return (
+        f"gmner {command} needs the package {root!r}, which is not installed: it comes with "
+        f"{extra if extra.startswith('the') else 'gmner' + extra.replace(' or ', ' or gmner')}; "
+        f"{how}"
+    )
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
@@ -93,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(_load(args.command).run(args) or 0)
     except GmnerError as exc:
         log.error("%s", exc)
+        return 2
+    except ModuleNotFoundError as exc:  # a lazily imported extra (torch for --retrain, onnx, ...)
+        if exc.name is None or exc.name.split(".")[0] not in _EXTRA_OF:
+            raise
+        log.error("%s", missing_message(args.command, exc.name))
         return 2
     except KeyboardInterrupt:
         log.error("interrupted")

@@ -24,7 +24,7 @@ from gmner_rt.metrics import region_correct
 from gmner_rt.predictions import iter_json_objects
 from gmner_rt.vision import to_rgb
 
-from .extract import add_provider_arguments, format_table, load_options
+from .extract import add_provider_arguments, format_table, load_options, readable_json
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def run_examples(
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     _overview([Path(r["annotated"]) for r in results], out / "overview.png")
     sys.stdout.write(
-        json.dumps([{k: r[k] for k in ("text", "records")} for r in results], indent=1) + "\n"
+        readable_json([{k: r[k] for k in ("text", "records")} for r in results]) + "\n"
     )
     log.info("annotated images and results.json written to %s", out)
     return results

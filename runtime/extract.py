@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -98,6 +99,7 @@ def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("execution provider")
     group.add_argument(
         "--provider",
+        type=str.lower,
         choices=PROVIDERS,
         default=None,
         help="auto: CUDA when onnxruntime has it, else the CPU (TensorRT when the bundle has "
@@ -170,6 +172,19 @@ def load_extractor(bundle: Path | None, **options) -> Extractor:
 # ---------------------------------------------------------------------------------------------
 
 
+#: A list of numbers as ``json.dumps(indent=2)`` lays it out, one per line (strings never
+#: hold a raw newline, so text that looks like a list is never matched).
+_NUMBER_LIST = re.compile(r"\[\n\s*(-?[\d.eE+-]+(?:,\n\s*-?[\d.eE+-]+)*)\n\s*\]")
+
+
+def readable_json(data) -> str:
+    """JSON indented by key, with lists of numbers (boxes, spans, token ids) on one line."""
+    text = json.dumps(data, ensure_ascii=False, indent=2)
+    return _NUMBER_LIST.sub(
+        lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text
+    )
+
+
 def _boxes(boxes) -> str:
     if boxes is None:
         return "None"
@@ -235,7 +250,7 @@ def _run_one(args: argparse.Namespace) -> int:
     extractor = load_extractor(args.bundle, **load_options(args))
     extraction = extractor.extract(args.image, text, **decoding_options(args))
     if args.json:
-        print(json.dumps(extraction.to_dict(), ensure_ascii=False, indent=2))
+        print(readable_json(extraction.to_dict()))
     else:
         print(format_table(extraction))
     if args.draw is not None:

@@ -17,7 +17,7 @@ VENV310=${GMNER_VENV310:-.venv-py310}
 # The oldest versions the runtime supports, tested on Python 3.10.
 RUNTIME_FLOOR=("numpy==1.26.4" "onnxruntime==1.19.2")
 
-stamp_of() { cat pyproject.toml constraints.txt scripts/dev.sh | sha256sum | cut -d' ' -f1; }
+stamp_of() { cat pyproject.toml bench/pyproject.toml constraints.txt scripts/dev.sh | sha256sum | cut -d' ' -f1; }
 
 setup() {
     local stamp="$VENV/.gmner-installed" want
@@ -31,7 +31,9 @@ setup() {
     "$VENV/bin/python" -m pip install -q --upgrade pip
     # The CPU build of torch first, pinned; constraints.txt keeps every later step on it.
     "$VENV/bin/python" -m pip install -q torch==2.13.0
-    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[cpu,train,export,bench,dev]"
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[cpu,train,export,dev]"
+    # The benchmarks against peers: a distribution of their own (bench/), not the runtime's.
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ./bench
     echo "$want" > "$stamp"
 }
 

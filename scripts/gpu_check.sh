@@ -12,7 +12,8 @@
 # 1. onnxruntime-gpu unpacked from the parts, the project installed without its dependencies;
 # 2. a tiny Qwen2.5-VL exported in fp32 and fp16;
 # 3. both bundles' parity on the CUDA provider against PyTorch (the export's own check);
-# 4. gmner extract on the CUDA provider (placement of every graph's nodes);
+# 4. the suite's GPU tests (CUDA tokens equal the CPU's) and gmner extract on the CUDA provider
+#    (placement of every graph's nodes);
 # 5. bench-small in fp16: gmner_rt on the CUDA provider against HF transformers on the same GPU.
 # The device tool brings back at most 8 files: $OUT gets the reports (machine.txt, the parity
 # and bench JSON) and one gpu-check.tar.gz with every log.
@@ -39,7 +40,7 @@ fi
 # CUDA and cuDNN from the machine's nvidia pip packages, for every process below.
 NV=$(python3 -c "import glob, os, site; print(':'.join(sorted(glob.glob(os.path.join(site.getsitepackages()[0], 'nvidia', '*', 'lib')))))")
 export LD_LIBRARY_PATH=$NV${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
+python3 -m pip install -q --no-deps --no-build-isolation -e . -e ./bench >"$OUT/pip.log" 2>&1
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
     python3 -c "import onnxruntime as o, torch, transformers; print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__, torch.cuda.is_available()); print('transformers', transformers.__version__)"
@@ -58,6 +59,10 @@ for dtype in fp32 fp16; do
         --provider "$PROVIDER" --json "$OUT/parity-$PROVIDER-$dtype.json" >"$OUT/parity-$dtype.log" 2>&1
     echo "rc=$?" >>"$OUT/parity-$dtype.log"
 done
+
+log "the test suite's GPU tests (-m gpu)"
+python3 -m pytest -q -m gpu tests/test_providers.py -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
+echo "rc=$?" >>"$OUT/pytest-gpu.log"
 
 log "gmner extract on $PROVIDER"
 gmner -v extract --provider "$PROVIDER" --image examples/demo/3000020.png \

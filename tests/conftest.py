@@ -13,6 +13,25 @@ V1_QUIRKS = FIXTURES / "twitter-gmner-v1-quirks"
 SHARED_DATA = Path(__file__).parents[2] / "shared" / "data" / "twitter-gmner-v2"
 
 
+def _has_cuda_provider() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where onnxruntime has the CUDA provider (the lent GPU
+    machine, with onnxruntime-gpu: scripts/gpu_check.sh runs them), and skip elsewhere."""
+    if _has_cuda_provider():
+        return
+    skip = pytest.mark.skip(reason="needs onnxruntime's CUDA provider (onnxruntime-gpu, a GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def v2_subset() -> Path:
     """A small verbatim subset of Twitter-GMNER v2.0 (train and dev), see fixtures/README.md."""

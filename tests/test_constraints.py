@@ -356,6 +356,7 @@ def _check_output(text, labels, size, think, data, budget_tokens, limit):
                 assert 0 <= x1 < x2 <= size[0] and 0 <= y1 < y2 <= size[1], raw
 
 
+@pytest.mark.slow
 def test_random_logits_always_give_valid_complete_answers(table):
     """10,000 requests, batches of 16, random everything: every answer is valid."""
     rng = np.random.default_rng(20261124)

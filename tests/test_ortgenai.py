@@ -1,4 +1,4 @@
-"""onnxruntime-genai as a peer system (gmner.runtime.ortgenai), on the tiny preset.
+"""onnxruntime-genai as a peer system (gmner.bench.ortgenai), on the tiny preset.
 
 Its model builder's decoder, driven by our generation loop with the bundle's vision and
 embedding graphs, must produce the same greedy tokens as our own decoder graph; its own
@@ -18,6 +18,7 @@ try:  # importorskip skips only a missing module; a broken install must skip cle
 except ImportError as exc:
     pytest.skip(f"onnxruntime-genai is not importable ({exc})", allow_module_level=True)
 pytest.importorskip("torch", reason="the builder and the tiny model need torch")
+pytest.importorskip("gmner.bench.ortgenai", reason="the gmner-bench package (./bench)")
 
 from PIL import Image, ImageDraw  # noqa: E402
 
@@ -43,21 +44,21 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def embeds_build(tiny, cache):
-    from gmner.runtime.ortgenai import build_decoder
+    from gmner.bench.ortgenai import build_decoder
 
     return build_decoder(tiny, cache, threads=2)
 
 
 @pytest.fixture(scope="module")
 def ids_build(tiny, cache):
-    from gmner.runtime.ortgenai import build_decoder
+    from gmner.bench.ortgenai import build_decoder
 
     return build_decoder(tiny, cache, exclude_embeds=False, threads=2)
 
 
 @pytest.fixture(scope="module")
 def backends(plain_bundle, embeds_build):
-    from gmner.runtime.ortgenai import OrtGenaiDecoder
+    from gmner.bench.ortgenai import OrtGenaiDecoder
 
     from gmner_rt.backends.onnxruntime import OrtGraphs
     from gmner_rt.bundle import load_bundle
@@ -100,7 +101,7 @@ def _batch(extractor, texts):
 
 
 def test_build_is_cached_and_stamped(tiny, cache, embeds_build, monkeypatch):
-    from gmner.runtime import ortgenai
+    from gmner.bench import ortgenai
 
     stamp = json.loads((embeds_build / ortgenai.STAMP_NAME).read_text())
     assert stamp["precision"] == "fp32" and stamp["exclude_embeds"] is True
@@ -177,7 +178,7 @@ def test_uneven_step_in_a_batch_is_refused(backends):
 
 
 def test_text_only_generate_agrees(backends, ids_build):
-    from gmner.runtime.ortgenai import text_only_generate
+    from gmner.bench.ortgenai import text_only_generate
 
     from gmner_rt.generate import PromptBatch
 
@@ -208,7 +209,7 @@ def test_text_only_generate_agrees(backends, ids_build):
 
 
 def test_wrong_build_kinds_are_refused(plain_bundle, embeds_build, ids_build):
-    from gmner.runtime.ortgenai import OrtGenaiDecoder, text_only_generate
+    from gmner.bench.ortgenai import OrtGenaiDecoder, text_only_generate
 
     from gmner_rt.bundle import load_bundle
 
@@ -219,7 +220,7 @@ def test_wrong_build_kinds_are_refused(plain_bundle, embeds_build, ids_build):
 
 
 def test_bad_model_dir(tiny, tmp_path):
-    from gmner.runtime.ortgenai import build_decoder
+    from gmner.bench.ortgenai import build_decoder
 
     with pytest.raises(InputError, match="model directory not found"):
         build_decoder(tmp_path / "missing", tmp_path / "cache")
@@ -240,7 +241,7 @@ def test_bad_model_dir(tiny, tmp_path):
 
 def test_int4_build_decodes(tiny, cache, plain_bundle):
     """Quantized builds (for later benchmarks) load and decode; their tokens may differ."""
-    from gmner.runtime.ortgenai import OrtGenaiDecoder, build_decoder
+    from gmner.bench.ortgenai import OrtGenaiDecoder, build_decoder
 
     from gmner_rt.bundle import load_bundle
     from gmner_rt.extractor import Extractor

@@ -28,7 +28,6 @@ from gmner.export.quant_check import (  # noqa: E402
 from gmner.export.quantize import QuantSettings, lm_head_matmul, quantize_decoder  # noqa: E402
 from gmner.export.quantized_bundle import quantize_bundle  # noqa: E402
 from gmner.runtime.cli import main as gmner_main  # noqa: E402
-from gmner.runtime.decoder_bench import main as decoder_bench  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -237,6 +236,7 @@ def test_the_lm_head_is_found_from_the_logits_output():
 
 
 def test_decoder_bench_compares_fp_and_quantized_graphs(tiny_bundle, int8_bundle, tmp_path):
+    decoder_bench = pytest.importorskip("gmner.bench.decoder_graphs").main
     graphs = [f"fp32={tiny_bundle / 'decoder.onnx'}", f"int8={int8_bundle / 'decoder.onnx'}"]
     out = tmp_path / "times.json"
     args = ["--prompt", "20", "--steps", "2", "--rounds", "1", "--threads", "1"]

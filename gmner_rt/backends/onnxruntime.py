@@ -119,6 +119,14 @@ def plan(
     cpu: list[ProviderEntry] = [("CPUExecutionProvider", user["cpu"])] if user["cpu"] else []
     cpu = cpu or ["CPUExecutionProvider"]
     if chosen == "cpu":
+        if device_id:
+            log.warning("device_id %d unused: running on the CPU", device_id)
+        if user["cpu"]:
+            log.warning(
+                "provider options %s go to onnxruntime's CPU provider, which ignores names it "
+                "does not know",
+                ", ".join(user["cpu"]),
+            )
         return ProviderPlan("cpu", device_id, files, {g: cpu for g in files}, notes=tuple(notes))
     if chosen == "cuda":
         entry = ("CUDAExecutionProvider", cuda)

@@ -1,6 +1,6 @@
 """One benchmarked system, measured in a process of its own (``gmner bench``'s worker).
 
-``gmner bench`` starts ``python -m gmner.runtime.bench_systems SPEC OUT`` once per system, so
+``gmner bench`` starts ``python -m gmner.bench.workers SPEC OUT`` once per system, so
 each system's peak resident memory is its own and no system warms another's caches. SPEC is a
 JSON :class:`WorkerSpec`; OUT receives the figures as JSON. Every system does the same work:
 the same prompts (checked: the HF processor's ids must equal the bundle's), greedy decoding of
@@ -12,7 +12,7 @@ Systems:
 * ``gmner_rt``: :func:`gmner_rt.load` on onnxruntime, decoded by :mod:`gmner_rt.generate`;
 * ``hf``: transformers ``generate`` on the source checkpoint (torch, same dtype);
 * ``ortgenai``: onnxruntime-genai's model-builder decoder driven by our loop, with our vision
-  and embedding graphs (:mod:`gmner.runtime.ortgenai`);
+  and embedding graphs (:mod:`gmner.bench.ortgenai`);
 * ``ortgenai_text``: ``og.Generator`` on a text-only prompt (it cannot take our images); the
   ``gmner_rt`` worker decodes the same text-only prompt when asked (``text_only``), so the
   two are compared like the others.
@@ -32,23 +32,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from gmner.runtime.timing import (  # noqa: F401 (bench_pairs, Run: re-exported)
+    Run,
+    bench_pairs,
+    loop_e2e,
+    loop_run,
+    median_ms,
+    p90_ms,
+    suppress,
+    tokens_per_s,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SYSTEMS", "Run", "WorkerSpec", "bench_pairs", "run_worker"]
 
 SYSTEMS = ("gmner_rt", "hf", "ortgenai", "ortgenai_text")
-
-#: Bench images: (width, height); all one size so a batch of them has no padding in the image
-#: part, texts of different lengths so the batch is left padded like real traffic.
-IMAGE_SIZE = (448, 336)
-TEXTS = (
-    "Lionel Messi arrives in Miami ahead of the Inter Miami match on Saturday",
-    "Great night at Madison Square Garden with the New York Knicks",
-    "Apple CEO Tim Cook visits the new store in London",
-    "Heavy rain expected in Paris as Roland Garros starts",
-)
 
 
 @dataclass(frozen=True)
@@ -99,19 +98,6 @@ class WorkerSpec:
 
 
 @dataclass
-class Run:
-    """One generation: time to first token (s), each later token's latency (s), the ids."""
-
-    ttft: float
-    token_times: list[float]
-    tokens: list[list[int]]
-
-    @property
-    def decode_time(self) -> float:
-        return float(sum(self.token_times))
-
-
-@dataclass
 class Figures:
     """What a worker reports (times in ms)."""
 
@@ -132,32 +118,6 @@ class Figures:
     text_only: dict | None = None
     paired: dict | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def bench_image(seed: int) -> Image.Image:
-    """A deterministic bench image: noise with a few filled shapes."""
-    rng = np.random.default_rng(1000 + seed)
-    width, height = IMAGE_SIZE
-    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(4):
-        x0, y0 = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
-        x1, y1 = x0 + int(rng.integers(20, width - x0)), y0 + int(rng.integers(20, height - y0))
-        draw.rectangle((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    return image
-
-
-def bench_pairs(count: int) -> list[tuple[Image.Image, str]]:
-    """``count`` fixed (image, text) pairs; texts cycle through :data:`TEXTS`."""
-    return [(bench_image(i), TEXTS[i % len(TEXTS)]) for i in range(count)]
-
-
-def _median_ms(values: Sequence[float]) -> float:
-    return float(np.median(values) * 1000.0)
-
-
-def _p90_ms(values: Sequence[float]) -> float:
-    return float(np.percentile(values, 90) * 1000.0)
 
 
 def _peak_rss_mb() -> float:
@@ -189,52 +149,6 @@ def decoder_bytes(bundle) -> int:
 def _peer_decoder_bytes(decoder_dir: Path) -> int:
     """Bytes of an onnxruntime-genai decoder folder's graph and its external data."""
     return sum(p.stat().st_size for p in decoder_dir.iterdir() if ".onnx" in p.name)
-
-
-def _suppress(logits: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
-    logits = np.array(logits, dtype=np.float32, copy=True)
-    logits[:, list(eos_ids)] = -np.inf
-    return logits
-
-
-# --- systems driven by gmner_rt's loop (gmner_rt, ortgenai) ----------------------------------
-
-
-def loop_run(extractor, pairs, new_tokens: int, *, prompt_batch=None) -> Run:
-    """Preprocess + vision + prefill, then ``new_tokens - 1`` single-token steps, timed."""
-    from gmner_rt.generate import prefill, step
-
-    eos = extractor.bundle.manifest.tokens.eos_ids
-    start = time.perf_counter()
-    batch = prompt_batch if prompt_batch is not None else extractor.prompt_batch(pairs)
-    logits, state = prefill(extractor.backend, batch, extractor.vision)
-    chosen = np.argmax(_suppress(logits, eos), axis=-1)
-    ttft = time.perf_counter() - start
-    tokens = [[int(t)] for t in chosen]
-    times = []
-    for _ in range(new_tokens - 1):
-        began = time.perf_counter()
-        logits = step(extractor.backend, state, chosen)
-        chosen = np.argmax(_suppress(logits, eos), axis=-1)
-        times.append(time.perf_counter() - began)
-        for row, token in enumerate(chosen):
-            tokens[row].append(int(token))
-    return Run(ttft, times, tokens)
-
-
-def loop_e2e(extractor, pair, new_tokens: int) -> tuple[float, list[int]]:
-    """One real ``extract`` call (unconstrained, eos suppressed), its latency and ids."""
-    eos = extractor.bundle.manifest.tokens.eos_ids
-    started = time.perf_counter()
-    result = extractor.extract(
-        pair[0],
-        pair[1],
-        think="on",
-        constrained=False,
-        max_new_tokens=new_tokens,
-        logits_hook=lambda logits, _state: _suppress(logits, eos),
-    )
-    return time.perf_counter() - started, list(result.token_ids)
 
 
 def text_prompt(extractor, text: str):
@@ -283,7 +197,7 @@ def measure_loop(extractor, spec: WorkerSpec, figures: Figures, *, text_only: bo
             e2e.append(seconds)
             if repeat == 0:
                 ids.append(tokens)
-    figures.e2e_ms_median, figures.e2e_ms_p90 = _median_ms(e2e), _p90_ms(e2e)
+    figures.e2e_ms_median, figures.e2e_ms_p90 = median_ms(e2e), p90_ms(e2e)
     figures.tokens_e2e = ids
     if text_only:
         batch = text_prompt(extractor, singles[0][1])
@@ -294,21 +208,15 @@ def measure_loop(extractor, spec: WorkerSpec, figures: Figures, *, text_only: bo
         ]
         figures.text_only = {
             "prompt_tokens": int(batch.input_ids.shape[1]),
-            "ttft_ms": _median_ms([r.ttft for r in runs]),
-            "decode_tokens_per_s": _tokens_per_s(runs, 1),
+            "ttft_ms": median_ms([r.ttft for r in runs]),
+            "decode_tokens_per_s": tokens_per_s(runs, 1),
             "tokens": runs[0].tokens,
         }
 
 
-def _tokens_per_s(runs: Sequence[Run], rows: int) -> float:
-    tokens = sum(len(r.token_times) for r in runs) * rows
-    seconds = sum(r.decode_time for r in runs)
-    return tokens / seconds if seconds > 0 else float("nan")
-
-
 def _single_figures(figures: Figures, runs: Sequence[Run], pairs: int) -> None:
-    figures.ttft_ms = _median_ms([r.ttft for r in runs])
-    figures.decode_tokens_per_s = _tokens_per_s(runs, 1)
+    figures.ttft_ms = median_ms([r.ttft for r in runs])
+    figures.decode_tokens_per_s = tokens_per_s(runs, 1)
     width = min(len(r.token_times) for r in runs)
     figures.token_ms = [
         float(np.median([r.token_times[i] for r in runs]) * 1000.0) for i in range(width)
@@ -317,8 +225,8 @@ def _single_figures(figures: Figures, runs: Sequence[Run], pairs: int) -> None:
 
 
 def _batch_figures(figures: Figures, runs: Sequence[Run], rows: int) -> None:
-    figures.ttft_ms_batch = _median_ms([r.ttft for r in runs])
-    figures.decode_tokens_per_s_batch = _tokens_per_s(runs, rows)
+    figures.ttft_ms_batch = median_ms([r.ttft for r in runs])
+    figures.decode_tokens_per_s_batch = tokens_per_s(runs, rows)
     figures.tokens_batch = runs[0].tokens
 
 
@@ -385,7 +293,7 @@ def run_ortgenai_text(spec: WorkerSpec, figures: Figures) -> None:
     ]
     figures.text_only = {
         "prompt_tokens": len(ids),
-        "ttft_ms": _median_ms([r["ttft_s"] for r in results]),
+        "ttft_ms": median_ms([r["ttft_s"] for r in results]),
         "decode_tokens_per_s": float(np.median([r["decode_tokens_per_s"] for r in results])),
         "tokens": [results[0]["tokens"]],
     }
@@ -488,11 +396,10 @@ def _check_prompts(processor, bundle, pairs) -> None:
 
 def run_hf(spec: WorkerSpec, figures: Figures) -> None:
     import torch
+    from gmner.train.modeling import load_model_and_processor
 
     from gmner_rt.bundle import load_bundle
     from gmner_rt.records import parse_output
-
-    from ..train.modeling import load_model_and_processor
 
     if spec.model is None:
         raise ValueError("hf: needs the source checkpoint (--model or --preset)")
@@ -536,7 +443,7 @@ def run_hf(spec: WorkerSpec, figures: Figures) -> None:
             e2e.append(time.perf_counter() - started)
             if repeat == 0:
                 ids.append(result.tokens[0])
-    figures.e2e_ms_median, figures.e2e_ms_p90 = _median_ms(e2e), _p90_ms(e2e)
+    figures.e2e_ms_median, figures.e2e_ms_p90 = median_ms(e2e), p90_ms(e2e)
     figures.tokens_e2e = ids
 
 
@@ -616,7 +523,7 @@ def _alternate_steps(extractor, backends: dict, batch, spec: WorkerSpec, probe):
     bandwidths: list[float] = []
     for name, backend in backends.items():
         logits, states[name] = prefill(backend, batch, extractor.vision)
-        chosen[name] = np.argmax(_suppress(logits, eos), axis=-1)
+        chosen[name] = np.argmax(suppress(logits, eos), axis=-1)
         tokens[name] = [int(chosen[name][0])]
     for index in range(spec.warmup + spec.repeats * (spec.new_tokens - 1)):
         order = list(backends) if index % 2 == 0 else list(reversed(backends))
@@ -624,7 +531,7 @@ def _alternate_steps(extractor, backends: dict, batch, spec: WorkerSpec, probe):
             time.sleep(0.02)
             began = time.perf_counter()
             logits = step(backends[name], states[name], chosen[name])
-            chosen[name] = np.argmax(_suppress(logits, eos), axis=-1)
+            chosen[name] = np.argmax(suppress(logits, eos), axis=-1)
             times[name].append(time.perf_counter() - began)
             tokens[name].append(int(chosen[name][0]))
         if probe is not None:  # after every pair, so each system follows it equally often
@@ -653,7 +560,7 @@ def run_worker(spec: WorkerSpec) -> Figures:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 2:
-        raise SystemExit("usage: python -m gmner.runtime.bench_systems SPEC.json OUT.json")
+        raise SystemExit("usage: python -m gmner.bench.workers SPEC.json OUT.json")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     spec = WorkerSpec(**json.loads(Path(argv[0]).read_text()))
     figures = run_worker(spec)

@@ -1,6 +1,6 @@
 """Benchmark: our answer-grammar automaton against llguidance and xgrammar.
 
-``python -m gmner.runtime.constraint_bench [--vocab N] [--requests R] [--seed S] [--data DIR]``
+``python -m gmner.bench.grammar_engines [--vocab N] [--requests R] [--seed S] [--data DIR]``
 
 A developer tool, not part of the runtime: it builds a large byte-level BPE tokenizer (Qwen2's
 pre-tokenizer and special tokens, ~151k tokens by default, cached under ``out/bench``),
@@ -1020,7 +1020,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gmner.runtime.constraint_bench",
+        prog="python -m gmner.bench.grammar_engines",
         description="Compare gmner_rt's constrained decoding with llguidance and xgrammar.",
     )
     add_arguments(parser)

@@ -1,6 +1,6 @@
 """Decoding variants of one bundle side by side: unconstrained, grammar, grammar + jump-forward.
 
-    python -m gmner.runtime.decoding_bench --bundle B --data D --images D/images [--split test]
+    python -m gmner.bench.decoding_variants --bundle B --data D --images D/images [--split test]
 
 Each variant extracts the same tweets one at a time (batch 1, so that steps count decoder
 calls of one request) and reports its scores, malformed segments, generated tokens, decoder
@@ -18,12 +18,12 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gmner.runtime.evaluate import prediction_output, tweet_images
+from gmner.runtime.extract import positive_int
+
 import gmner_rt
 from gmner_rt.data import load_split
 from gmner_rt.metrics import evaluate
-
-from .evaluate import prediction_output, tweet_images
-from .extract import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def format_table(results: list[VariantResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gmner.runtime.decoding_bench")
+    parser = argparse.ArgumentParser(prog="python -m gmner.bench.decoding_variants")
     parser.add_argument("--bundle", type=Path, help="bundle folder (default: the embedded one)")
     parser.add_argument("--data", type=Path, required=True, help="Twitter-GMNER-format folder")
     parser.add_argument("--images", type=Path, required=True, help="image folder")

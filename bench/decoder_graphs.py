@@ -1,6 +1,6 @@
 """Decoder graphs side by side (fp32, int8, int4, ...): prefill and decode times, file size.
 
-    python -m gmner.runtime.decoder_bench fp32=B/decoder.onnx int4=Q/decoder.onnx \\
+    python -m gmner.bench.decoder_graphs fp32=B/decoder.onnx int4=Q/decoder.onnx \\
         [--prompt 300] [--steps 16] [--rounds 5] [--threads 2] [--json out.json]
 
 Each graph gets one onnxruntime CPU session (``--threads`` intra-op threads). A round runs
@@ -25,10 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from gmner.runtime.extract import positive_int
 
 from gmner_rt.backends import onnxruntime as ort_backend
-
-from .extract import positive_int
 
 log = logging.getLogger(__name__)
 

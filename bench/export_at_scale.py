@@ -1,6 +1,6 @@
 """Real-scale export check (not run in CI): a random Qwen2.5-VL-3B exported in fp16.
 
-    python -m gmner.export.real_scale --work /tmp/real-scale [--dtype fp16] [--no-verify]
+    python -m gmner.bench.export_at_scale --work /tmp/real-scale [--dtype fp16] [--no-verify]
 
 Builds a random-weight model with the real 3B configuration (``gmner tiny-model --preset
 qwen2.5-vl-3b``, bf16 like the released checkpoint), then runs ``gmner export`` on it with the
@@ -41,7 +41,7 @@ def _step(args: list[str]) -> dict:
 
 def _child(args: list[str]) -> dict:
     """Run one step in a fresh interpreter; return its JSON report."""
-    command = [sys.executable, "-m", "gmner.export.real_scale", "--child", "--", *args]
+    command = [sys.executable, "-m", "gmner.bench.export_at_scale", "--child", "--", *args]
     log.info("running: gmner %s", " ".join(args))
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     sys.stderr.write(done.stderr[-4000:])

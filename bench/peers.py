@@ -7,7 +7,7 @@
 
 For one bundle and its source checkpoint (or a ``--preset``, which builds, caches and exports
 that random-weight model itself), every system runs in a child process of its own
-(:mod:`gmner.runtime.bench_systems`) on the same fixed image/text pairs, threads and greedy
+(:mod:`gmner.bench.workers`) on the same fixed image/text pairs, threads and greedy
 tokens, one after another so none competes for the cores. This module then checks that every
 system generated the same ids as gmner_rt (the bench fails when they differ: the systems did
 different work), measures the machine's memory bandwidth with a large fp32 matrix-vector
@@ -20,7 +20,7 @@ plot (``--plot``, needs matplotlib). It knows nothing about how a system decodes
 
 Separate processes minutes apart see different memory bandwidth on a shared machine, so the
 decode ratio to onnxruntime-genai is also measured paired: both decoders in one process,
-stepped in turn (:func:`gmner.runtime.bench_systems.run_paired`), for fp32 and for each
+stepped in turn (:func:`gmner.bench.workers.run_paired`), for fp32 and for each
 quantized variant both systems run.
 
 With ``--provider cuda`` (or ``tensorrt``), gmner_rt runs on that onnxruntime provider and
@@ -59,7 +59,7 @@ from .bandwidth import (  # noqa: F401 (measure_bandwidth: re-exported)
     measure_bandwidth,
     spec_bandwidth,
 )
-from .bench_systems import SYSTEMS, WorkerSpec, decoder_bytes, kv_cache_bytes  # noqa: F401 (WorkerSpec: re-exported)
+from .workers import SYSTEMS, WorkerSpec, decoder_bytes, kv_cache_bytes  # noqa: F401 (WorkerSpec: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +214,9 @@ def _sources_digest() -> str:
 def prepare_preset(name: str, cache: Path, dtype: str = "fp32") -> tuple[Path, Path]:
     """``(checkpoint, bundle)`` of preset ``name``, built and exported (in ``dtype``) once per
     source digest."""
-    from ..export.build import BundleOptions, export_bundle
-    from ..export.onnx_export import ExportSettings
-    from ..train.tiny_model import build_tiny_model
+    from gmner.export.build import BundleOptions, export_bundle
+    from gmner.export.onnx_export import ExportSettings
+    from gmner.train.tiny_model import build_tiny_model
 
     home = cache / f"{name}-{_sources_digest()}"
     model = home / "model"
@@ -241,8 +241,8 @@ def prepare_preset(name: str, cache: Path, dtype: str = "fp32") -> tuple[Path, P
 def prepare_quantized(bundle: Path, scheme: str, cache: Path) -> Path:
     """``bundle`` with its decoder quantized to ``scheme`` (``gmner export quantize``'s
     defaults), made once per source manifest."""
-    from ..export.quantize import QuantSettings
-    from ..export.quantized_bundle import quantize_bundle
+    from gmner.export.quantize import QuantSettings
+    from gmner.export.quantized_bundle import quantize_bundle
 
     digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:16]
     out = cache / "quantized" / f"{digest}-{scheme}"
@@ -365,7 +365,7 @@ def _run_system(spec: WorkerSpec, timeout_s: float) -> dict:
         command = [
             sys.executable,
             "-m",
-            "gmner.runtime.bench_systems",
+            "gmner.bench.workers",
             str(spec_path),
             str(out_path),
         ]
@@ -660,7 +660,7 @@ def _mean_context(bundle: Path, new_tokens: int) -> int:
     from gmner_rt.bundle import load_bundle
     from gmner_rt.extractor import Extractor
 
-    from .bench_systems import bench_pairs
+    from .workers import bench_pairs
 
     extractor = Extractor(load_bundle(bundle, verify_hashes=False), None)
     prompt = extractor.prompt_batch(bench_pairs(1)).input_ids.shape[1]

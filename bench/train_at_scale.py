@@ -1,6 +1,6 @@
 """Real-scale training step on a GPU (not run in CI): a random Qwen2.5-VL-3B, the paper's recipe.
 
-    python -m gmner.train.real_scale --work /tmp/rs-train [--steps 20] [--model DIR]
+    python -m gmner.bench.train_at_scale --work /tmp/rs-train [--steps 20] [--model DIR]
 
 Builds a random-weight model with the real 3B configuration (``gmner tiny-model --preset
 qwen2.5-vl-3b``, bf16) unless ``--model`` names one, writes synthetic tweets whose images
@@ -39,7 +39,7 @@ def _build_model(out: Path) -> float:
 
 
 def _write_data(out: Path, tweets: int) -> None:
-    from .synth import SynthConfig, write_synth
+    from gmner.train.synth import SynthConfig, write_synth
 
     write_synth(
         out, SynthConfig(seed=0, train=tweets, dev=0, test=0, min_side=MIN_SIDE, max_side=MAX_SIDE)
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         raise SystemExit("real_scale: no CUDA device; this check needs a GPU")
-    from .config import load_config
-    from .loop import train
+    from gmner.train.config import load_config
+    from gmner.train.loop import train
 
     args.work.mkdir(parents=True, exist_ok=True)
     summary: dict = {"preset": PRESET, "gpu": torch.cuda.get_device_name(0)}
