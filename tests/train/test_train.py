@@ -32,7 +32,7 @@ from PIL import Image  # noqa: E402
 from gmner_rt.data import load_split  # noqa: E402
 from gmner_rt.records import parse_output  # noqa: E402
 
-FIXTURE = Path(__file__).parent / "fixtures" / "twitter-gmner-v2"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "twitter-gmner-v2"
 SMALL_PIXELS = {"model.min_pixels": 56 * 56, "model.max_pixels": 224 * 224}
 
 

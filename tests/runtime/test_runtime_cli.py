@@ -27,7 +27,7 @@ from gmner_rt.metrics import evaluate
 from gmner_rt.records import EntityRecord, parse_output
 from gmner_rt.vision import to_rgb
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEXT = "Alice Smith visits Paris with Acme"
 KEYS = {"records", "think", "raw", "malformed", "token_ids", "image_size", "timings"}
 GREY = (128, 128, 128)

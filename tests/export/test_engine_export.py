@@ -65,6 +65,16 @@ def bundle_dir(tmp_path):
     return tmp_path / "b"
 
 
+@pytest.fixture
+def on_orin(monkeypatch):
+    """This machine as an Orin with TensorRT 10.3 and onnxruntime-gpu's providers."""
+    ort = prov.onnxruntime()
+    offered = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: offered)
+    monkeypatch.setattr(backend, "tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(backend, "cuda_device", lambda i: ORIN)
+
+
 def build(bundle_dir, session=FakeTrtSession, **over):
     config = EngineBuild(bundle=bundle_dir, check_tokens=0, **over)
     return build_engines(config, session=session, device=ORIN, tensorrt="10.3.0")
@@ -108,14 +118,9 @@ def test_build_options_follow_onnxruntimes_rules(bundle_dir):
     )
 
 
-def test_the_runtime_uses_the_set_on_its_device_only(bundle_dir, monkeypatch):
+def test_the_runtime_uses_the_set_on_its_device_only(bundle_dir, on_orin, monkeypatch):
     build(bundle_dir)
     bundle = load_bundle(bundle_dir)
-    ort = prov.onnxruntime()
-    offered = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.setattr(ort, "get_available_providers", lambda: offered)
-    monkeypatch.setattr(backend, "tensorrt_version", lambda: "10.3.0")
-    monkeypatch.setattr(backend, "cuda_device", lambda i: ORIN)
     plan = backend.plan(bundle, "auto")
     assert plan.engines is not None and plan.provider == "tensorrt"
     assert plan.files["vision"].name == "vision_ctx.onnx"
@@ -228,13 +233,8 @@ def test_the_engine_check_compares_greedy_tokens(bundle_dir):
     assert check["identical"] and check["agree_tokens"] >= 1 and check["probe_tokens"] == 12
 
 
-def test_engine_files_are_checked_only_for_the_set_in_use(bundle_dir, monkeypatch):
+def test_engine_files_are_checked_only_for_the_set_in_use(bundle_dir, on_orin):
     folder = build(bundle_dir)
-    ort = prov.onnxruntime()
-    offered = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.setattr(ort, "get_available_providers", lambda: offered)
-    monkeypatch.setattr(backend, "tensorrt_version", lambda: "10.3.0")
-    monkeypatch.setattr(backend, "cuda_device", lambda i: ORIN)
     ctx = folder / "decoder_ctx.onnx"
     ctx.write_bytes(b"x" * ctx.stat().st_size)  # same size, other bytes
     bundle = load_bundle(bundle_dir)  # loads: engine files are not checked here

@@ -20,7 +20,7 @@ from gmner.runtime import cli
 from gmner_rt.data import load_split, split_stats
 from gmner_rt.records import format_answer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _errors(caplog) -> str:
