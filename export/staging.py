@@ -6,19 +6,48 @@ only directories.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
 
 from gmner_rt.errors import InputError
 
-__all__ = ["move_into_place", "staging_dir"]
+log = logging.getLogger(__name__)
+
+__all__ = ["move_into_place", "remove_stale", "staging_dir"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Deletes the staging folders of ``out`` that killed exports left (their process is
+    gone); returns them."""
+    removed = []
+    for path in out.parent.glob(f"{out.name}.tmp-*") if out.parent.is_dir() else ():
+        pid = path.name[len(out.name) + len(".tmp-") :].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by an export that was stopped", path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def staging_dir(out: Path) -> Path:
-    """A new empty sibling of ``out``; ``out`` must not exist or be an empty directory."""
+    """A new empty sibling of ``out``; ``out`` must not exist or be an empty directory. Staging
+    folders of killed exports of the same ``out`` are removed first."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: exists and is not an empty directory; choose a new --out")
+    remove_stale(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)  # not mkdtemp: its mode 0700 would become the bundle's
     return tmp

@@ -15,12 +15,13 @@ the execution provider (see :mod:`gmner_rt.providers`).
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import BackendError, BundleError, DataError, GmnerError, InputError
-from .extractor import Entity, Extraction, Extractor, load
+from .extractor import DEFAULT_BUNDLE, Entity, Extraction, Extractor, load
 from .providers import PROVIDERS, requested
 from .records import EntityRecord, ParsedOutput, format_answer, parse_output
 from .vision import ImageInput
@@ -46,7 +47,9 @@ __all__ = [
     "parse_output",
 ]
 
-_EXTRACTORS: dict[tuple, Extractor] = {}
+#: Extractors kept by :func:`extract`, least recently used first; at most :data:`_KEEP`.
+_EXTRACTORS: OrderedDict[tuple, Extractor] = OrderedDict()
+_KEEP = 4
 _LOCK = threading.Lock()
 
 
@@ -63,10 +66,11 @@ def extract(
 ) -> Extraction:
     """``load(bundle, provider=...).extract(image, text, **options)``, with the extractor
     cached per bundle, provider, provider options and device, so repeated calls load the
-    model once. ``provider=None`` reads ``GMNER_PROVIDER`` at every call."""
+    model once (the four most recently used are kept). ``provider=None`` reads
+    ``GMNER_PROVIDER`` at every call."""
     resolved = requested(provider) if providers is None else None
     key = (
-        str(Path(bundle).resolve()) if bundle is not None else "",
+        str(Path(bundle if bundle is not None else DEFAULT_BUNDLE).resolve()),
         resolved,
         tuple(sorted((str(k), str(v)) for k, v in (provider_options or {}).items())),
         device_id,
@@ -82,4 +86,7 @@ def extract(
                 device_id=device_id,
                 providers=providers,
             )
+            while len(_EXTRACTORS) > _KEEP:
+                _EXTRACTORS.popitem(last=False)
+        _EXTRACTORS.move_to_end(key)
     return extractor.extract(image, text, **options)

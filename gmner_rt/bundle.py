@@ -856,6 +856,10 @@ def _read_json(path: Path) -> Any:
         ) from None
     except UnicodeDecodeError as e:
         raise BundleError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise BundleError(f"{path}: nested too deeply to be a manifest") from None
+    except ValueError as e:  # e.g. an integer of thousands of digits
+        raise BundleError(f"{path}: not a readable manifest ({e})") from None
 
 
 def _verify_file(path: Path, entry: FileEntry, verify_hash: bool) -> None:

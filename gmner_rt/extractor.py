@@ -141,7 +141,11 @@ class Extractor:
         self.backend = backend
         self.max_text_tokens = max_text_tokens
         m = bundle.manifest
-        self.tokenizer = Tokenizer.from_file(str(bundle.file(TOKENIZER_NAME)))
+        path = bundle.file(TOKENIZER_NAME)
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for a bad file
+            raise BundleError(f"{path}: not a readable tokenizers file ({exc})") from None
         self.image_settings = ImageProcessorSettings.from_dict(m.image_processor)
         self.limits = getattr(backend, "limits", None)
         if self.limits is not None:
@@ -204,16 +208,30 @@ class Extractor:
     def _prepare(self, image: ImageInput, text: str, think: bool) -> _Request:
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"text must be a non-empty string, got {text!r}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate (or undecodable command-line bytes)
+            raise InputError(
+                f"text holds {text[exc.start : exc.end]!r} at character {exc.start}, which is no "
+                "character: not valid Unicode (was it read from a file or argument that is not "
+                "UTF-8?)"
+            ) from None
         rgb = to_rgb(image)
         check_pixel_count(rgb.width, rgb.height)
         prepared = prepare_image(rgb, self.image_settings)
         grid = prepared.grid
         tokens = num_image_tokens(grid, self.vision.merge_size)
+        cap = self.bundle.manifest.model.vision.max_image_tokens
         if self.limits is not None and tokens > self.limits.max_image_tokens:
             raise InputError(
                 f"image {rgb.width}x{rgb.height} gives {tokens} image tokens; the TensorRT "
                 f"profiles allow {self.limits.max_image_tokens} (an extreme aspect ratio; crop "
                 "it, or build engines with a larger --max-image-tokens)"
+            )
+        if cap is not None and tokens > cap:
+            raise InputError(
+                f"image {rgb.width}x{rgb.height} gives {tokens} image tokens; the bundle "
+                f"allows {cap} (model.vision.max_image_tokens: an extreme aspect ratio; crop it)"
             )
         ids = self.prompt_ids(text, grid, think=think)  # the text's one tokenization
         n_text = len(ids) - tokens - self._template_tokens(think)
@@ -319,8 +337,8 @@ class Extractor:
             return []
         m = self.bundle.manifest
         limit = m.generation.default_max_new_tokens if max_new_tokens is None else max_new_tokens
-        if limit < 0:
-            raise InputError(f"max_new_tokens: must be >= 0, got {limit}")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise InputError(f"max_new_tokens: expected an integer >= 0, got {limit!r}")
         size = self.limits.max_batch if self.limits is not None else len(pairs)
         out: list[Extraction] = []
         for start in range(0, len(pairs), size):

@@ -71,11 +71,35 @@ def smart_resize(
     return h_bar, w_bar
 
 
+#: Coordinates beyond this are clamped before any arithmetic (a model may write a number of
+#: hundreds of digits; no image is a billion pixels wide).
+_COORDINATE_LIMIT = 1e9
+
+
+def _coordinate(value: float) -> float:
+    """``value`` as a finite float within +-:data:`_COORDINATE_LIMIT` (NaN becomes 0)."""
+    if isinstance(value, int):  # may be too large for a float
+        return float(max(-_COORDINATE_LIMIT, min(_COORDINATE_LIMIT, value)))
+    number = float(value)
+    if math.isnan(number):
+        return 0.0
+    return max(-_COORDINATE_LIMIT, min(_COORDINATE_LIMIT, number))
+
+
+def _span(a: int, b: int, size: int) -> tuple[int, int]:
+    """Ordered, clipped to ``[0, size]``, and at least one pixel wide (``size >= 1``)."""
+    a, b = sorted((min(max(a, 0), size), min(max(b, 0), size)))
+    if a == b:
+        a, b = (a, a + 1) if a < size else (a - 1, a)
+    return a, b
+
+
 def clip_box(box: Sequence[float], width: int, height: int) -> Box:
-    """Round, order and clip a box to ``[0, width] x [0, height]``."""
-    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-    x1, x2 = sorted((min(max(x1, 0), width), min(max(x2, 0), width)))
-    y1, y2 = sorted((min(max(y1, 0), height), min(max(y2, 0), height)))
+    """Round, order and clip a box to ``[0, width] x [0, height]``; a box that rounds to no
+    width or height keeps one pixel of it, so every box has an area."""
+    x1, y1, x2, y2 = (int(round(_coordinate(v))) for v in box)
+    x1, x2 = _span(x1, x2, width)
+    y1, y2 = _span(y1, y2, height)
     return x1, y1, x2, y2
 
 
@@ -83,7 +107,7 @@ def map_box(box: Sequence[float], src: tuple[int, int], dst: tuple[int, int]) ->
     """Map a box from an image of size ``src = (w, h)`` to one of size ``dst = (w, h)``."""
     sx = dst[0] / src[0]
     sy = dst[1] / src[1]
-    x1, y1, x2, y2 = box
+    x1, y1, x2, y2 = (_coordinate(v) for v in box)
     return clip_box((x1 * sx, y1 * sy, x2 * sx, y2 * sy), dst[0], dst[1])
 
 

@@ -158,7 +158,14 @@ def to_rgb(image: ImageInput) -> Image.Image:
     of the wrong dtype or shape.
     """
     if isinstance(image, Image.Image):
-        return _composite_on_white(ImageOps.exif_transpose(image))
+        # the size is known before decoding: a huge lazy image is refused before it is read
+        check_pixel_count(image.width, image.height, f"PIL image ({image.mode})")
+        try:
+            return _composite_on_white(ImageOps.exif_transpose(image))
+        except (OSError, ValueError) as exc:  # truncated data, a closed image, ...
+            raise InputError(
+                f"PIL image ({image.mode}, {image.width}x{image.height}) could not be read: {exc}"
+            ) from None
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
     if isinstance(image, str | Path | bytes | bytearray | memoryview):

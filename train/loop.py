@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -182,10 +183,15 @@ def save_checkpoint(
         tmp / "trainer_state.pt",
     )
     (tmp / "position.json").write_text(json.dumps(vars(pos), indent=1), encoding="utf-8")
+    # A step written twice (save_every, then the epoch's end): the old folder is moved aside,
+    # never deleted, before the new one is in place, so a kill at any moment leaves a complete
+    # checkpoint that latest_checkpoint finds.
+    old = final.with_name(final.name + f".old-{os.getpid()}")
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)
     _write_atomic(run / "latest", final.name)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -213,12 +219,65 @@ def load_checkpoint(ckpt: Path, model, opt, sched) -> Position:
     return Position(**json.loads((ckpt / "position.json").read_text(encoding="utf-8")))
 
 
+#: The files every complete checkpoint holds (written last: position.json).
+CHECKPOINT_FILES = ("trainable.safetensors", "trainer_state.pt", "position.json")
+_STEP_DIR = re.compile(r"step-(\d+)(?:\.old-\d+)?")
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in CHECKPOINT_FILES)
+
+
 def latest_checkpoint(run: Path) -> Path | None:
-    pointer = run / "latest"
-    if not pointer.is_file():
-        return None
-    ckpt = run / "checkpoints" / pointer.read_text(encoding="utf-8").strip()
-    return ckpt if ckpt.is_dir() else None
+    """The checkpoint ``--resume`` continues from: the one ``latest`` names when it is
+    complete, else the newest complete one (a step moved aside by a kill counts); None for a
+    run that never wrote one. A run whose checkpoints are all broken is an error, never a
+    silent restart from step 0."""
+    pointer, folder = run / "latest", run / "checkpoints"
+    named = folder / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    if named is not None and named.is_dir() and _complete(named):
+        return named
+    found = [
+        (int(m.group(1)), not p.name.startswith(f"step-{m.group(1)}.old"), p)
+        for p in (folder.iterdir() if folder.is_dir() else ())
+        if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir() and _complete(p)
+    ]
+    if found:
+        newest = max(found)[2]
+        log.warning(
+            "%s: latest names %s, which is incomplete; resuming from %s", run, named, newest
+        )
+        return newest
+    started = folder.is_dir() and any(_STEP_DIR.fullmatch(p.name) for p in folder.iterdir())
+    if named is not None or started:
+        raise InputError(
+            f"{run}: --resume found no complete checkpoint in {folder} (latest names "
+            f"{named}); start a new run with another --output.dir, or delete this one"
+        )
+    return None
+
+
+def remove_debris(run: Path) -> None:
+    """Deletes the temporary folders of checkpoint writes that a killed run left behind."""
+    folder = run / "checkpoints"
+    for path in folder.glob("step-*.tmp-*") if folder.is_dir() else ():
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid():
+            log.info("removing %s, left by a run that was stopped", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def trim_metrics(run: Path, step: int) -> None:
+    """Drops the metrics rows of steps after ``step``: a resumed run logs them again."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    _write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,8 +371,10 @@ def train(
     opt, sched = make_optimizer(model, cfg, total)
     pos = Position()
     ckpt = latest_checkpoint(run) if resume else None
+    remove_debris(run)
     if ckpt is not None:
         pos = load_checkpoint(ckpt, model, opt, sched)
+        trim_metrics(run, pos.step)
         log.info("resumed from %s (step %d)", ckpt, pos.step)
     save_config(cfg, run / "config.yaml")
     writer = _tensorboard(run) if cfg.output.tensorboard else None

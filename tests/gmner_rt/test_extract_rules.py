@@ -180,3 +180,101 @@ def test_readmes_python_snippet_runs(tmp_path, monkeypatch):
     exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102
     assert namespace["extractor"].provider in ("cpu", "cuda")
     assert len(namespace["results"]) == 2
+
+
+# --- bad input, named -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["Alice \ud800", "\udcff Zentro"])
+def test_a_lone_surrogate_in_the_text_is_named(extractor, text):
+    with pytest.raises(InputError, match=r"text holds '\\ud[8c][0f][0f]' at character \d+"):
+        extractor.extract(EXAMPLE, text)
+
+
+@pytest.mark.parametrize("value", ["5", 2.0, True, -1])
+def test_max_new_tokens_must_be_an_integer(extractor, value):
+    with pytest.raises(InputError, match="max_new_tokens: expected an integer >= 0, got"):
+        extractor.extract(EXAMPLE, "Zentro", max_new_tokens=value)
+
+
+def test_undecodable_command_line_text_is_a_clear_error(tmp_path):
+    """Invalid UTF-8 in --text reaches Python as surrogate escapes: exit 2, not a traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from gmner.runtime.cli import main; "
+        f"sys.exit(main(['extract', '--provider', 'cpu', '--image', {str(EXAMPLE)!r}, "
+        "'--text', b'Zentro \\xff'.decode('utf-8', 'surrogateescape')]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "not valid Unicode" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pil_images_that_cannot_be_read_are_named(extractor, tmp_path, monkeypatch):
+    path = tmp_path / "cut.png"
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(path)
+    path.write_bytes(path.read_bytes()[:60])  # header intact, data cut
+    with pytest.raises(InputError, match="PIL image \\(RGB, 64x64\\) could not be read"):
+        extractor.extract(Image.open(path), "Zentro")
+    closed = Image.new("RGB", (8, 8))
+    closed.close()
+    with pytest.raises(InputError, match="could not be read"):
+        extractor.extract(closed, "Zentro")
+    big = tmp_path / "big.png"
+    Image.new("L", (40, 40)).save(big)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 1000)
+    lazy = Image.open(big)
+    with pytest.raises(InputError, match="40x40 is 1600 pixels"):
+        to_rgb(lazy)
+    assert lazy.tile  # refused before decoding: PIL empties the tile list once it has read it
+
+
+def test_the_bundles_image_token_cap_is_enforced(tmp_path):
+    import json
+    import shutil
+
+    from gmner_rt.bundle import write_manifest
+
+    shutil.copytree(DEFAULT_BUNDLE, tmp_path / "b")
+    data = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    data["model"]["vision"]["max_image_tokens"] = 36  # what its max_pixels gives
+    write_manifest(tmp_path / "b", data)
+    capped = gmner_rt.load(tmp_path / "b", provider="cpu")
+    capped.extract(EXAMPLE, "Zentro", max_new_tokens=40)  # 336 x 336: 36 tokens
+    with pytest.raises(InputError, match=r"gives \d+ image tokens; the bundle allows 36"):
+        capped.extract(Image.new("RGB", (28 * 200, 28)), "Zentro")  # aspect 200
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"format_version": ' + "9" * 5000 + "}", "not a readable manifest"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+)
+def test_unreadable_manifests_are_bundle_errors(tmp_path, content, message):
+    from gmner_rt.bundle import load_bundle
+    from gmner_rt.errors import BundleError
+
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(tmp_path)
+
+
+def test_an_empty_tokenizer_file_is_a_bundle_error(tmp_path):
+    import shutil
+
+    from gmner_rt.bundle import file_entry, write_manifest
+    from gmner_rt.errors import BundleError
+
+    shutil.copytree(DEFAULT_BUNDLE, tmp_path / "b")
+    (tmp_path / "b" / "tokenizer.json").write_text("")
+    import json
+
+    data = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    data["files"]["tokenizer.json"] = file_entry(tmp_path / "b" / "tokenizer.json")
+    write_manifest(tmp_path / "b", data)
+    with pytest.raises(BundleError, match="tokenizer.json: not a readable tokenizers file"):
+        gmner_rt.load(tmp_path / "b", provider="cpu")

@@ -181,6 +181,9 @@ def test_round_trip_within_a_model_pixel(gb):
     # width / model_width and rounds again (another half pixel).
     tol_x = 0.5 * g.width / g.model_width + 0.5 + 1e-9
     tol_y = 0.5 * g.height / g.model_height + 0.5 + 1e-9
+    # a box with no width (height) keeps one pixel of it in each space (every box has an area)
+    tol_x += (g.width / g.model_width + 1) * (box[0] == box[2])
+    tol_y += (g.height / g.model_height + 1) * (box[1] == box[3])
     for k, tol in zip(range(4), (tol_x, tol_y, tol_x, tol_y), strict=True):
         assert abs(back[k] - box[k]) <= tol, (g, box, back)
 
@@ -239,3 +242,24 @@ def test_iou_symmetric_and_bounded(a, b):
     assert 0.0 <= iou(a, b) <= 1.0
     if a[0] < a[2] and a[1] < a[3]:
         assert iou(a, a) == 1.0
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.integers(1, 400),
+    st.integers(1, 400),
+    st.tuples(*[st.integers(-10, 3000)] * 4),
+)
+def test_every_mapped_box_has_an_area_inside_the_image(w, h, raw):
+    """Boxes in original pixels have x1 < x2 and y1 < y2 for every image size >= 1 px and stay
+    inside it (an enlarged small image used to give boxes like (14, 4, 14, 14))."""
+    assume(max(w, h) / min(w, h) <= 200)
+    g = ImageGeometry.for_image(w, h, min_pixels=56 * 56, max_pixels=448 * 448)
+    x1, y1, x2, y2 = g.to_original(raw)
+    assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h, (g, raw)
+
+
+def test_coordinates_of_hundreds_of_digits_do_not_overflow():
+    g = ImageGeometry(width=100, height=50, model_width=56, model_height=28)
+    assert g.to_original((10**400, -(10**400), 10**300, 5)) == (99, 0, 100, 9)
+    assert g.to_original((float("inf"), float("nan"), 3, 4)) == (5, 0, 100, 7)

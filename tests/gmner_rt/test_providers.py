@@ -283,7 +283,7 @@ def test_module_level_extract_caches_per_provider(monkeypatch):
         return Fake()
 
     monkeypatch.setattr(gmner_rt, "load", fake_load)
-    monkeypatch.setattr(gmner_rt, "_EXTRACTORS", {})
+    monkeypatch.setattr(gmner_rt, "_EXTRACTORS", __import__("collections").OrderedDict())
     monkeypatch.delenv(prov.ENV_PROVIDER, raising=False)
     gmner_rt.extract("a.png", "t", provider="cpu")
     gmner_rt.extract("a.png", "t", provider="cpu")
@@ -430,3 +430,22 @@ def test_cuda_decodes_the_tokens_the_cpu_decodes(think):
         a = cpu.extract(EXAMPLE, text, think=think, max_new_tokens=120)
         b = cuda.extract(EXAMPLE, text, think=think, max_new_tokens=120)
         assert a.token_ids == b.token_ids and a.records == b.records
+
+
+def test_the_extractor_cache_is_bounded_and_names_the_default_once(monkeypatch):
+    from collections import OrderedDict
+
+    loads = []
+
+    class Fake:
+        def extract(self, image, text, **options):
+            return text
+
+    monkeypatch.setattr(gmner_rt, "load", lambda bundle, **o: loads.append(bundle) or Fake())
+    monkeypatch.setattr(gmner_rt, "_EXTRACTORS", OrderedDict())
+    gmner_rt.extract("a.png", "t", provider="cpu")
+    gmner_rt.extract("a.png", "t", provider="cpu", bundle=DEFAULT_BUNDLE)
+    assert len(loads) == 1  # the default, named or not, is one extractor
+    for device in range(1, 8):
+        gmner_rt.extract("a.png", "t", provider="cpu", device_id=device)
+    assert len(gmner_rt._EXTRACTORS) == gmner_rt._KEEP
