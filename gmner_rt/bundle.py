@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from . import integrity
 from .errors import BundleError
 from .records import RECORD_FORMAT_VERSION
 
@@ -482,8 +483,45 @@ def _path_problem(name: str) -> str | None:
 # --- sections ---------------------------------------------------------------------------------
 
 
+#: Upper bounds of sizes, far above any Qwen2.5-VL (72B included): a manifest past them is
+#: damaged or hostile, and loading it would exhaust memory or time before any error.
+UPPER_BOUNDS = {
+    "text": {
+        "hidden_size": 65536,
+        "num_layers": 512,
+        "num_attention_heads": 1024,
+        "num_kv_heads": 1024,
+        "head_dim": 1024,
+        "intermediate_size": 1 << 20,
+        "vocab_size": 1 << 22,
+    },
+    "vision": {
+        "hidden_size": 65536,
+        "depth": 512,
+        "num_heads": 1024,
+        "out_hidden_size": 65536,
+        "window_size": 8192,
+        "patch_size": 64,
+        "spatial_merge_size": 8,
+        "temporal_patch_size": 8,
+        "max_image_tokens": 1 << 20,
+    },
+    # the largest image the model reads: Qwen2.5-VL's processor allows 16384 x 28 x 28 pixels
+    "image_processor": {"min_pixels": 1 << 26, "max_pixels": 1 << 26, "patch_size": 64},
+    "generation": {"default_max_new_tokens": 1 << 16},
+}
+
+
+def _bounded(f: _Fields, values: dict[str, Any], bounds: dict[str, int]) -> None:
+    for key, limit in bounds.items():
+        value = values.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            f.check(value <= limit, key, f"{value} is over the upper bound {limit}")
+
+
 def _model(f: _Fields) -> ModelInfo:
     t = f.section("text", _keys(TextConfig))
+    _bounded(t, t.data, UPPER_BOUNDS["text"])
     text = TextConfig(**_read(t, TextConfig))
     heads, d, mrope = text.num_attention_heads, text.head_dim, text.mrope_section
     t.equal("hidden_size", text.hidden_size, heads * d, "num_attention_heads * head_dim")
@@ -492,6 +530,7 @@ def _model(f: _Fields) -> ModelInfo:
     half = f"head_dim / 2 = {d / 2:g}"
     t.check(2 * sum(mrope) == d, "mrope_section", f"sums to {sum(mrope)}, expected {half}")
     v = f.section("vision", _keys(VisionConfig))
+    _bounded(v, v.data, UPPER_BOUNDS["vision"])
     vision = VisionConfig(**_read(v, VisionConfig))
     v.check(vision.hidden_size % vision.num_heads == 0, "num_heads", "must divide hidden_size")
     deep = all(i < vision.depth for i in vision.fullatt_block_indexes)
@@ -514,10 +553,12 @@ def _kv_cache(f: _Fields, model: ModelInfo) -> KvCacheSpec:
 
 def _tensors(g: _Fields, key: str) -> tuple[TensorSpec, ...]:
     specs: list[TensorSpec] = []
+    seen: set[str] = set()
     for t in g.sections(key, _keys(TensorSpec)):
         spec = TensorSpec(**_read(t, TensorSpec))
         t.one_of("dtype", spec.dtype, TENSOR_DTYPES)
-        t.check(spec.name not in {s.name for s in specs}, "name", f"{spec.name!r} declared twice")
+        t.check(spec.name not in seen, "name", f"{spec.name!r} declared twice")
+        seen.add(spec.name)
         specs.append(spec)
     return tuple(specs)
 
@@ -540,9 +581,15 @@ def _graph(g: _Fields, name: str, kv: KvCacheSpec, files: dict[str, FileEntry]) 
             g.check(value in files, key, f"{value!r} is not listed in files")
     need_in, need_out = _required_io(name, kv)
     for key, declared, required in (("inputs", ins, need_in), ("outputs", outs, need_out)):
-        missing = [n for n in required if n not in {s.name for s in declared}]
+        names = {s.name for s in declared}
+        missing = [n for n in required if n not in names]
         g.check(not missing, key, f"missing required tensors: {', '.join(missing)}")
     return spec
+
+
+def _generation(f: _Fields) -> GenerationSpec:
+    _bounded(f, f.data, UPPER_BOUNDS["generation"])
+    return GenerationSpec(**_read(f, GenerationSpec))
 
 
 def _tokens(f: _Fields, vocab_size: int) -> TokenIds:
@@ -559,6 +606,7 @@ def _tokens(f: _Fields, vocab_size: int) -> TokenIds:
 def _image_processor(f: _Fields, vision: VisionConfig) -> dict[str, Any]:
     for key in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels"):
         f.value(key, "int")
+    _bounded(f, f.data, UPPER_BOUNDS["image_processor"])
     f.list_("image_mean", "number", length=3)
     f.list_("image_std", "float", length=3)
     f.value("rescale_factor", "float")
@@ -784,9 +832,7 @@ def parse_manifest(data: dict, *, source: str = MANIFEST_NAME) -> Manifest:
         prompt=_prompt(f.section("prompt", _keys(PromptSpec))),
         labels=_labels(f),
         record_format_version=f.data["record_format_version"],
-        generation=GenerationSpec(
-            **_read(f.section("generation", _keys(GenerationSpec)), GenerationSpec)
-        ),
+        generation=_generation(f.section("generation", _keys(GenerationSpec))),
         files=files,
         exporter={key: exporter.value(key, "str0", nullable=True) for key in exporter.data},
         parity=copy.deepcopy(f.value("parity", "object", nullable=True)),
@@ -874,19 +920,30 @@ def _verify_file(path: Path, entry: FileEntry, verify_hash: bool) -> None:
         raise BundleError(f"{path}: sha256 mismatch ({hashes}): the file changed after export")
 
 
-def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True) -> Bundle:
-    """Reads and validates ``path/manifest.json`` and checks every listed file's size (and
-    sha256 unless ``verify_hashes`` is False: hashing a multi-GB bundle takes seconds), except
-    those of TensorRT engine sets (:func:`verify_engine_set`)."""
+def load_bundle(path: str | os.PathLike, *, verify_hashes: bool | str = True) -> Bundle:
+    """Reads and validates ``path/manifest.json`` and checks every listed file (except those
+    of TensorRT engine sets, :func:`verify_engine_set`): its size always, and its sha256
+
+    - ``verify_hashes=True``: unless a full check of this bundle already passed and the file
+      is unchanged since (:mod:`gmner_rt.integrity`: size, modification time, inode);
+    - ``"full"``: always (hashing a multi-GB bundle takes seconds);
+    - ``False``: never.
+    """
+    if verify_hashes not in (True, False, "full"):
+        raise BundleError(f"verify_hashes: expected True, False or 'full', got {verify_hashes!r}")
     root = Path(path)
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not a gmner bundle: {MANIFEST_NAME} missing")
     manifest = parse_manifest(_read_json(manifest_path), source=str(manifest_path))
     engine_dirs = tuple(e.dir + "/" for e in manifest.engines)
-    for name, entry in manifest.files.items():
-        if not name.startswith(engine_dirs):  # checked when a set is chosen
-            _verify_file(root / name, entry, verify_hashes)
+    names = [n for n in manifest.files if not n.startswith(engine_dirs)]  # sets: when chosen
+    raw = manifest_path.read_bytes() if verify_hashes else b""
+    known = integrity.unchanged(root, raw, names) if verify_hashes is True else set()
+    for name in names:
+        _verify_file(root / name, manifest.files[name], bool(verify_hashes) and name not in known)
+    if verify_hashes and set(names) - known:
+        integrity.record(root, raw, names)
     return Bundle(root, manifest)
 
 

@@ -464,7 +464,7 @@ def load(
     device_id: int = 0,
     limits: EngineLimits | None = None,
     threads: int | None = None,
-    verify_hashes: bool = True,
+    verify_hashes: bool | str = True,
     max_text_tokens: int = MAX_TEXT_TOKENS,
     providers: Sequence[str] | None = None,
 ) -> Extractor:
@@ -483,7 +483,9 @@ def load(
             :func:`gmner_rt.tensorrt.default_limits`); prebuilt engines bring their own.
             Requests are kept inside them (batches split, too long prompts refused).
         threads: intra-op threads (default: onnxruntime's choice, or ``GMNER_THREADS``).
-        verify_hashes: check every file's sha256 (sizes are always checked).
+        verify_hashes: check every file's sha256 (sizes are always checked): True, once per
+            change of the files (:mod:`gmner_rt.integrity`); "full", at every load; False,
+            never.
         max_text_tokens: the longest text accepted.
         providers: deprecated: onnxruntime provider names; the first one is used as
             ``provider``.

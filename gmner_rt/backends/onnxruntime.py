@@ -77,7 +77,7 @@ def plan(
     device_id: int = 0,
     limits: EngineLimits | None = None,
     legacy_providers: Sequence[str] | None = None,
-    verify_hashes: bool = True,
+    verify_hashes: bool | str = True,
 ) -> ProviderPlan:
     """The :class:`ProviderPlan` for ``bundle``: the provider asked for (``provider``, else
     ``$GMNER_PROVIDER``, else "auto"), checked against what onnxruntime offers here.
@@ -339,15 +339,36 @@ class OrtGraphs:
         threads = threads if threads is not None else _env_threads()
         if plan is None:
             files = {name: bundle.file(spec.file) for name, spec in m.graphs.items()}
-            return cls(files, kv, threads=threads)
-        return cls(
-            plan.files,
-            kv,
-            providers=plan.providers,
-            threads=threads,
-            device_id=plan.device_id,
-            limits=plan.limits,
-        )
+            graphs = cls(files, kv, threads=threads)
+        else:
+            graphs = cls(
+                plan.files,
+                kv,
+                providers=plan.providers,
+                threads=threads,
+                device_id=plan.device_id,
+                limits=plan.limits,
+            )
+        graphs.check_io(bundle)
+        return graphs
+
+    def check_io(self, bundle) -> None:
+        """Every graph's inputs and outputs are the ones the manifest declares (a decoder entry
+        pointing at the vision graph fails here, at load, not at the first extract)."""
+        for name, sess in self.sessions().items():
+            spec = bundle.manifest.graphs[name]
+            for kind, real, declared in (
+                ("inputs", [t.name for t in sess.get_inputs()], [t.name for t in spec.inputs]),
+                ("outputs", [t.name for t in sess.get_outputs()], [t.name for t in spec.outputs]),
+            ):
+                if set(real) != set(declared):
+                    missing = sorted(set(declared) - set(real))[:5]
+                    extra = sorted(set(real) - set(declared))[:5]
+                    raise BundleError(
+                        f"{bundle.path}: graphs.{name} ({spec.file}): its {kind} are not the "
+                        f"manifest's (missing {missing}, not declared {extra}): the file is not "
+                        f"the {name} graph this manifest describes"
+                    )
 
     def sessions(self) -> dict[str, Any]:
         """Graph name -> its onnxruntime session."""

@@ -571,3 +571,80 @@ def test_write_manifest_replaces_an_existing_manifest(bundle_dir: Path):
     write_manifest(bundle_dir, data)
     assert load_bundle(bundle_dir).manifest.parity is None
     assert sorted(p.name for p in bundle_dir.iterdir()) == sorted([*FILES, MANIFEST_NAME])
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("image_processor", "max_pixels", 10**12),
+        ("image_processor", "min_pixels", 10**12),
+        ("model.text", "num_layers", 40000),
+        ("model.text", "vocab_size", 10**9),
+        ("model.vision", "patch_size", 10**6),
+        ("generation", "default_max_new_tokens", 10**7),
+    ],
+)
+def test_sizes_past_their_upper_bound_are_refused(section, key, value):
+    data = make_manifest()
+    target = data
+    for part in section.split("."):
+        target = target[part]
+    target[key] = value
+    with pytest.raises(BundleError, match=f"{section}.{key}: {value} is over the upper bound"):
+        parse_manifest(data)
+
+
+def test_a_huge_layer_count_is_refused_quickly():
+    import time
+
+    data = make_manifest()
+    data["model"]["text"]["num_layers"] = 40000
+    started = time.perf_counter()
+    with pytest.raises(BundleError):
+        parse_manifest(data)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_a_graph_file_that_is_another_graph_fails_at_load(tmp_path):
+    import shutil
+
+    import gmner_rt
+    from gmner_rt.bundle import write_manifest
+    from gmner_rt.extractor import DEFAULT_BUNDLE
+
+    shutil.copytree(DEFAULT_BUNDLE, tmp_path / "b")
+    data = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    data["graphs"]["decoder"]["file"] = "vision.onnx"
+    write_manifest(tmp_path / "b", data)
+    with pytest.raises(BundleError, match=r"graphs.decoder \(vision.onnx\): its inputs are not"):
+        gmner_rt.load(tmp_path / "b", provider="cpu")
+
+
+def test_a_warm_load_skips_hashing_until_a_file_changes(tmp_path, monkeypatch):
+    import shutil
+
+    from gmner_rt import bundle as bundle_module
+    from gmner_rt.extractor import DEFAULT_BUNDLE
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shutil.copytree(DEFAULT_BUNDLE, tmp_path / "b")
+    hashed = []
+    real = bundle_module.file_entry
+    monkeypatch.setattr(bundle_module, "file_entry", lambda p: hashed.append(p) or real(p))
+    load_bundle(tmp_path / "b")
+    files = len(load_bundle(tmp_path / "b", verify_hashes=False).manifest.files)
+    assert len(hashed) == files == 4  # the first load: every file
+    hashed.clear()
+    load_bundle(tmp_path / "b")
+    assert hashed == []  # warm: sizes, times and inodes unchanged
+    load_bundle(tmp_path / "b", verify_hashes="full")
+    assert len(hashed) == files
+    hashed.clear()
+    tok = tmp_path / "b" / "tokenizer.json"
+    data = tok.read_bytes()
+    tok.write_bytes(data[:-2] + b"  ")  # same size, other bytes, a new modification time
+    with pytest.raises(BundleError, match="tokenizer.json: sha256 mismatch"):
+        load_bundle(tmp_path / "b")
+    assert [p.name for p in hashed] == ["tokenizer.json"]  # the others are still known
+    with pytest.raises(BundleError, match="verify_hashes: expected True, False or 'full'"):
+        load_bundle(tmp_path / "b", verify_hashes="yes")
