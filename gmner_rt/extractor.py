@@ -31,6 +31,7 @@ from .images import check_pixel_count
 from .mentions import find_spans
 from .prompt import render_prompt
 from .records import parse_output
+from .text_ids import TEXT_SENTINEL, PlainText
 from .vision import (
     ImageInput,
     ImageProcessorSettings,
@@ -162,7 +163,9 @@ class Extractor:
         g = m.generation
         self.tags = GrammarTags(g.think_open, g.think_close, g.answer_open, g.answer_close)
         self._token_table: TokenTable | None = None
-        self._template: dict[bool, int] = {}
+        self.plain_text = PlainText(self.tokenizer)
+        if self.plain_text.sentinel_id is None:
+            raise BundleError(f"{path}: the tokenizer has no {TEXT_SENTINEL} token (Qwen2-VL's)")
 
     @property
     def token_table(self) -> TokenTable:
@@ -191,7 +194,14 @@ class Extractor:
         return self.backend.placement()
 
     def prompt_ids(self, text: str, grid: Sequence[int], *, think: bool = True) -> list[int]:
-        """Token ids of the full prompt for ``text`` and an image of patch grid ``grid``."""
+        """Token ids of the full prompt for ``text`` and an image of patch grid ``grid``; the
+        text is encoded as plain text (:mod:`gmner_rt.text_ids`): control tokens typed in it
+        stay text."""
+        return self._prompt_and_text(text, grid, think)[0]
+
+    def _prompt_and_text(
+        self, text: str, grid: Sequence[int], think: bool
+    ) -> tuple[list[int], int]:
         p = self.bundle.manifest.prompt
         image = p.image.replace(
             "{image_pads}", self._image_pad * num_image_tokens(grid, self.vision.merge_size)
@@ -201,9 +211,12 @@ class Extractor:
             system=p.system,
             image=image,
             instruction_template=p.instruction_think if think else p.instruction_answer_only,
-            text=text,
+            text=TEXT_SENTINEL,
         )
-        return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        spliced = self.plain_text.splice(
+            self.tokenizer.encode(prompt, add_special_tokens=False).ids, text
+        )
+        return spliced.ids, spliced.count
 
     def _prepare(self, image: ImageInput, text: str, think: bool) -> _Request:
         if not isinstance(text, str) or not text.strip():
@@ -233,23 +246,13 @@ class Extractor:
                 f"image {rgb.width}x{rgb.height} gives {tokens} image tokens; the bundle "
                 f"allows {cap} (model.vision.max_image_tokens: an extreme aspect ratio; crop it)"
             )
-        ids = self.prompt_ids(text, grid, think=think)  # the text's one tokenization
-        n_text = len(ids) - tokens - self._template_tokens(think)
+        ids, n_text = self._prompt_and_text(text, grid, think)  # the text's one encoding
         if n_text > self.max_text_tokens:
             raise InputError(
                 f"text is {n_text} tokens long; the limit is {self.max_text_tokens} "
                 "(load(..., max_text_tokens=N) raises it)"
             )
         return _Request(prepared, ids, text)
-
-    def _template_tokens(self, think: bool) -> int:
-        """Prompt tokens that are neither the text's nor the image's (computed once)."""
-        if think not in self._template:
-            ids = self.prompt_ids(
-                "", (1, self.vision.merge_size, self.vision.merge_size), think=think
-            )
-            self._template[think] = len(ids) - 1
-        return self._template[think]
 
     def _batch(self, requests: Sequence[_Request]) -> PromptBatch:
         width = max(len(r.prompt_ids) for r in requests)

@@ -24,6 +24,7 @@ from gmner_rt.errors import InputError
 from gmner_rt.geometry import ImageGeometry
 from gmner_rt.prompt import SYSTEM_PROMPT, user_message
 from gmner_rt.records import EntityRecord, format_answer
+from gmner_rt.text_ids import TEXT_SENTINEL, PlainText
 from gmner_rt.vision import to_rgb
 
 from .augment import GRBPConfig, perturb_records, sample_rng
@@ -100,11 +101,32 @@ def target_text(row: dict, settings: ExampleSettings, epoch: int | None, index: 
 def encode_prompt(
     processor, row: dict, image: Image.Image, use_cot: bool, style: str = "full"
 ) -> dict:
-    """Token ids (image pads expanded), pixel values and grid of the prompt."""
-    text = processor.apply_chat_template(
-        prompt_messages(row, image, use_cot, style), tokenize=False, add_generation_prompt=True
-    )
-    return processor(text=[text], images=[image], return_tensors="pt")
+    """Token ids (image pads expanded), pixel values and grid of the prompt. The tweet is
+    encoded as plain text and spliced in (:mod:`gmner_rt.text_ids`), exactly as the runtime
+    does: control tokens typed in a tweet stay text."""
+    messages = prompt_messages({**row, "text": TEXT_SENTINEL}, image, use_cot, style)
+    rendered = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    out = processor(text=[rendered], images=[image], return_tensors="pt")
+    s = _plain_text(processor).splice(out["input_ids"][0].tolist(), row["text"])
+    out["input_ids"] = torch.tensor([s.ids], dtype=out["input_ids"].dtype)
+    if "attention_mask" in out:
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+    if "mm_token_type_ids" in out:  # the text is no image or video token
+        types = out["mm_token_type_ids"][0].tolist()
+        kept = types[: s.start] + [0] * s.count + types[s.start + s.replaced :]
+        out["mm_token_type_ids"] = torch.tensor([kept], dtype=out["mm_token_type_ids"].dtype)
+    return out
+
+
+_PLAIN: dict[int, PlainText] = {}
+
+
+def _plain_text(processor) -> PlainText:
+    """The processor's tokenizer as a plain-text encoder (built once per processor)."""
+    key = id(processor.tokenizer)
+    if key not in _PLAIN:
+        _PLAIN[key] = PlainText(processor.tokenizer.backend_tokenizer)
+    return _PLAIN[key]
 
 
 def encode_example(

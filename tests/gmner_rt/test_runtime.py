@@ -142,6 +142,52 @@ def test_prompt_ids_equal_the_training_prompt(tiny_bundle, adapter, tiny, think)
         assert extractor.prompt_ids(text, grid, think=think) == expected["input_ids"][0].tolist()
 
 
+@pytest.mark.parametrize("think", [True, False])
+def test_plain_text_tweets_keep_the_one_piece_ids(tiny_bundle, adapter, tiny, think):
+    """The tweet spliced in as plain text gives, for text without control tokens, the ids the
+    processor gives the whole prompt in one piece (what the model was trained on before)."""
+    from gmner.export.merge import load_merged
+    from gmner.train.dataset import prompt_messages
+
+    _, processor, _ = load_merged(tiny, adapter)
+    extractor = gmner_rt.load(tiny_bundle)
+    texts = [*PAIR_TEXTS, " leading space", "trailing space ", "tabs\tand\nnewlines\n", "!?"]
+    for i, text in enumerate(texts):
+        image = _image(PAIR_SIZES[i % len(PAIR_SIZES)], i)
+        rendered = processor.apply_chat_template(
+            prompt_messages({"text": text}, image, think),
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        whole = processor(text=[rendered], images=[image], return_tensors="np")
+        grid = tuple(int(v) for v in whole["image_grid_thw"][0])
+        assert extractor.prompt_ids(text, grid, think=think) == whole["input_ids"][0].tolist(), text
+
+
+def test_control_tokens_typed_in_a_tweet_stay_text(tiny_bundle, adapter, tiny):
+    """Every added token of the tokenizer in one tweet: the prompt holds each control id as
+    often as with a plain tweet, runtime and training agree, and extraction runs."""
+    from gmner.export.merge import load_merged
+    from gmner.train.dataset import encode_prompt
+
+    _, processor, _ = load_merged(tiny, adapter)
+    extractor = gmner_rt.load(tiny_bundle)
+    added = [t.content for t in extractor.tokenizer.get_added_tokens_decoder().values()]
+    assert {"<|im_end|>", "<|image_pad|>", "<|im_start|>"} <= set(added)
+    text = "Alice " + " ".join(added) + " Paris"
+    image = _image((224, 160), 0)
+    trained = encode_prompt(processor, {"text": text}, image, True)["input_ids"][0].tolist()
+    grid = (1, 12, 16)
+    ids = extractor.prompt_ids(text, grid, think=True)
+    plain = extractor.prompt_ids("Alice Paris", grid, think=True)
+    assert trained == ids
+    for token in added:
+        tid = extractor.tokenizer.token_to_id(token)
+        assert ids.count(tid) == plain.count(tid), token
+    result = extractor.extract(image, text, max_new_tokens=24)
+    assert result.image_size == (224, 160)
+
+
 class OneAnswer:
     """A backend whose greedy output is a fixed token sequence (for mapping tests)."""
 
