@@ -19,7 +19,7 @@ graph from an honest one here: on random weights the rounding noise compounds wi
 bench-small one; int8 0.018 and 0.061), so a bound loose enough for random deep models
 catches nothing, and whether a real model stays accurate enough is a question for a task
 evaluation, not for this check. Above :data:`WARN_RELATIVE` the exporter warns. The test
-suite holds the tiny model to tight bounds (tests/test_quantize.py), which is what catches a
+suite holds the tiny model to tight bounds (tests/export/test_quantize.py), which is what catches a
 quantizer that goes wrong.
 
 Vision and embedding graphs are the fp bundle's, unchanged. This module knows nothing of how

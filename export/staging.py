@@ -6,9 +6,12 @@ only directories.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -29,12 +32,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    """This machine's name as a staging folder may hold it (letters, digits, ``-``, ``.``)."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
+
+
 def remove_stale(out: Path) -> list[Path]:
-    """Deletes the staging folders of ``out`` that killed exports left (their process is
-    gone); returns them."""
+    """Deletes the staging folders of ``out`` that killed exports on this machine left (their
+    process is gone; folders of other machines sharing the disk are left alone); returns
+    them."""
     removed = []
-    for path in out.parent.glob(f"{out.name}.tmp-*") if out.parent.is_dir() else ():
-        pid = path.name[len(out.name) + len(".tmp-") :].split("-", 1)[0]
+    prefix = f"{out.name}.tmp-{_host()}-"
+    pattern = glob.escape(out.name) + ".tmp-*"
+    for path in out.parent.glob(pattern) if out.parent.is_dir() else ():
+        if not path.name.startswith(prefix):
+            continue
+        pid = path.name[len(prefix) :].split("-", 1)[0]
         if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
             log.info("removing %s, left by an export that was stopped", path)
             shutil.rmtree(path, ignore_errors=True)
@@ -48,7 +61,7 @@ def staging_dir(out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: exists and is not an empty directory; choose a new --out")
     remove_stale(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = out.with_name(f"{out.name}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)  # not mkdtemp: its mode 0700 would become the bundle's
     return tmp
 

@@ -893,9 +893,9 @@ def file_entry(path: str | os.PathLike) -> dict[str, Any]:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, raw: bytes) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as e:
         raise BundleError(
             f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
@@ -935,25 +935,39 @@ def load_bundle(path: str | os.PathLike, *, verify_hashes: bool | str = True) ->
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not a gmner bundle: {MANIFEST_NAME} missing")
-    manifest = parse_manifest(_read_json(manifest_path), source=str(manifest_path))
+    raw = manifest_path.read_bytes()  # read once: parsed, and the key of the integrity stamp
+    manifest = parse_manifest(_read_json(manifest_path, raw), source=str(manifest_path))
     engine_dirs = tuple(e.dir + "/" for e in manifest.engines)
     names = [n for n in manifest.files if not n.startswith(engine_dirs)]  # sets: when chosen
-    raw = manifest_path.read_bytes() if verify_hashes else b""
-    known = integrity.unchanged(root, raw, names) if verify_hashes is True else set()
-    for name in names:
-        _verify_file(root / name, manifest.files[name], bool(verify_hashes) and name not in known)
-    if verify_hashes and set(names) - known:
-        integrity.record(root, raw, names)
+    _verify_files(root, raw, manifest, names, verify_hashes)
     return Bundle(root, manifest)
+
+
+def _verify_files(
+    root: Path, raw: bytes, manifest: Manifest, names: list[str], verify_hashes: bool | str
+) -> None:
+    """Sizes always; sha256 as ``verify_hashes`` says, skipping files the integrity stamp
+    knows unchanged (with True), and stamping the ones that hashed right and did not change
+    while they were read."""
+    known = integrity.unchanged(root, raw, names) if verify_hashes is True else {}
+    checked = {}
+    for name in names:
+        hash_it = bool(verify_hashes) and name not in known
+        before = integrity.facts(root / name) if hash_it else None
+        _verify_file(root / name, manifest.files[name], hash_it)
+        if hash_it and before is not None and integrity.facts(root / name) == before:
+            checked[name] = before
+    if checked:
+        integrity.record(root, raw, {**known, **checked})
 
 
 def verify_engine_set(bundle: Bundle, engine: EngineSet, *, verify_hashes: bool = True) -> None:
     """Checks the files of one engine set like :func:`load_bundle` checks the others (engine
     sets are checked only when one is about to be used: they are large, and a set for another
     GPU may have been deleted to save space)."""
-    for name, entry in bundle.manifest.files.items():
-        if name.startswith(engine.dir + "/"):
-            _verify_file(bundle.path / name, entry, verify_hashes)
+    names = [n for n in bundle.manifest.files if n.startswith(engine.dir + "/")]
+    raw = (bundle.path / MANIFEST_NAME).read_bytes()
+    _verify_files(bundle.path, raw, bundle.manifest, names, verify_hashes)
 
 
 def write_manifest(bundle_dir: str | os.PathLike, data: dict) -> Path:

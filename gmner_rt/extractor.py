@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -340,7 +341,13 @@ class Extractor:
             return []
         m = self.bundle.manifest
         limit = m.generation.default_max_new_tokens if max_new_tokens is None else max_new_tokens
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        try:
+            if isinstance(limit, bool):
+                raise TypeError
+            limit = operator.index(limit)  # ints and numpy integers; not "5", 2.0 or True
+        except TypeError:
+            raise InputError(f"max_new_tokens: expected an integer >= 0, got {limit!r}") from None
+        if limit < 0:
             raise InputError(f"max_new_tokens: expected an integer >= 0, got {limit!r}")
         size = self.limits.max_batch if self.limits is not None else len(pairs)
         out: list[Extraction] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import sys
 from collections.abc import Sequence
@@ -37,13 +38,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "gmner.runtime.timing",
         "time a bundle with gmner_rt alone: time to first token, decode tokens/s, latency",
     ),
-    "bench": (
-        "gmner.bench.peers",
-        "gmner_rt against HF transformers and onnxruntime-genai (needs gmner-bench: ./bench)",
-    ),
 }
-#: Commands whose module comes from the separate gmner-bench distribution (the bench/ folder).
+#: Packages above this layer add commands through this entry-point group (gmner-bench adds
+#: ``bench``), so the command line never imports upwards.
+ENTRY_POINTS = "gmner.commands"
+#: Commands that come from the gmner-bench package (bench/) when it is installed.
 BENCH_COMMANDS = ("bench",)
+
+
+def _discover() -> None:
+    """Adds the commands that installed packages register under :data:`ENTRY_POINTS`."""
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        COMMANDS.setdefault(entry.name, (entry.value, f"from the {entry.dist.name} package"))
+
+
+_discover()
 
 
 def register(name: str, module: str, help_text: str) -> None:
@@ -55,11 +64,6 @@ def _load(name: str):
     try:
         return importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as exc:
-        if name in BENCH_COMMANDS and exc.name in ("gmner.bench", COMMANDS[name][0]):
-            raise SystemExit(
-                f"gmner {name} is in the gmner-bench package, kept out of the runtime's install; "
-                "from a checkout of gmner: pip install ./bench (scripts/dev.sh setup does)"
-            ) from exc
         raise SystemExit(missing_message(name, exc.name)) from exc
 
 
@@ -125,6 +129,13 @@ def _selected(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first in BENCH_COMMANDS and first not in COMMANDS:
+        sys.stderr.write(
+            f"gmner {first} is in the gmner-bench package, kept out of the runtime's install; "
+            "from a checkout of gmner: pip install ./bench (scripts/dev.sh setup does)\n"
+        )
+        return 2
     selected = _selected(argv)
     args = build_parser(selected).parse_args(argv)
     logging.basicConfig(

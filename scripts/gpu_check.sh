@@ -61,7 +61,7 @@ for dtype in fp32 fp16; do
 done
 
 log "the test suite's GPU tests (-m gpu)"
-python3 -m pytest -q -m gpu tests/test_providers.py -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
+python3 -m pytest -q -m gpu tests/gmner_rt/test_providers.py -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
 echo "rc=$?" >>"$OUT/pytest-gpu.log"
 
 log "gmner extract on $PROVIDER"

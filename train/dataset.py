@@ -90,12 +90,26 @@ def target_text(row: dict, settings: ExampleSettings, epoch: int | None, index: 
     geo = ImageGeometry.for_image(
         w, h, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels
     )
-    records = tuple(r.map_boxes(geo.to_model) for r in row_records(row))
+    records = tuple(_to_model(r, geo, w, h) for r in row_records(row))
     if epoch is not None and settings.grbp.enabled:
         rng = sample_rng(settings.seed, epoch, index)
         records = perturb_records(records, geo.model_size, settings.grbp, rng)
     think = row.get("think") if settings.use_cot else None
     return format_answer(records, think=think or None)
+
+
+def _to_model(record: EntityRecord, geo: ImageGeometry, width: int, height: int) -> EntityRecord:
+    """``record`` with its boxes in model space; a gold box with no area inside the image (an
+    annotation error) is left out rather than made a one-pixel box on the edge, and a record
+    left without boxes is ungrounded."""
+    if record.boxes is None:
+        return record
+    inside = [b for b in record.boxes if min(b[2], width) > max(b[0], 0)]
+    inside = [b for b in inside if min(b[3], height) > max(b[1], 0)]
+    if len(inside) < len(record.boxes):
+        log.warning("%s: gold boxes outside the image left out: %s", record.mention, record.boxes)
+    boxes = tuple(geo.to_model(b) for b in inside) or None
+    return EntityRecord(record.mention, record.type, boxes)
 
 
 def encode_prompt(

@@ -47,6 +47,9 @@ class Position:
     best_f1: float = -1.0
     best_step: int = -1
     losses: list[float] = field(default_factory=list)
+    #: bytes of metrics.jsonl when the checkpoint was written (a resume cuts the log back to
+    #: them); None in checkpoints written before it was recorded
+    metrics_bytes: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +185,8 @@ def save_checkpoint(
         },
         tmp / "trainer_state.pt",
     )
+    metrics = run / "metrics.jsonl"
+    pos.metrics_bytes = metrics.stat().st_size if metrics.is_file() else 0
     (tmp / "position.json").write_text(json.dumps(vars(pos), indent=1), encoding="utf-8")
     # A step written twice (save_every, then the epoch's end): the old folder is moved aside,
     # never deleted, before the new one is in place, so a kill at any moment leaves a complete
@@ -258,25 +263,44 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 
 def remove_debris(run: Path) -> None:
-    """Deletes the temporary folders of checkpoint writes that a killed run left behind."""
+    """Cleans what killed checkpoint writes left: temporary folders are deleted; a step moved
+    aside (``step-N.old-PID``) is deleted when its replacement is complete, else moved back."""
     folder = run / "checkpoints"
-    for path in folder.glob("step-*.tmp-*") if folder.is_dir() else ():
+    if not folder.is_dir():
+        return
+    for path in folder.glob("step-*.tmp-*"):
         pid = path.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid():
             log.info("removing %s, left by a run that was stopped", path)
             shutil.rmtree(path, ignore_errors=True)
+    for path in folder.glob("step-*.old-*"):
+        final = folder / path.name.split(".old-")[0]
+        if final.is_dir() and _complete(final):
+            shutil.rmtree(path, ignore_errors=True)
+        elif not final.exists() and _complete(path):
+            log.info("restoring %s, moved aside by a run that was stopped", final)
+            os.replace(path, final)
 
 
-def trim_metrics(run: Path, step: int) -> None:
-    """Drops the metrics rows of steps after ``step``: a resumed run logs them again."""
+def trim_metrics(run: Path, pos: Position) -> None:
+    """Cuts the metrics log back to where it was when ``pos`` was saved: a resumed run logs
+    the later rows again (steps, and dev evaluations of the same step), and a kill may have
+    torn the last line. Checkpoints without the byte count fall back to keeping the rows of
+    steps up to ``pos.step``."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
+    if pos.metrics_bytes is not None:
+        with path.open("r+b") as fh:
+            fh.truncate(min(pos.metrics_bytes, path.stat().st_size))
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= pos.step:
+                kept.append(line)
+        except ValueError:  # a torn last line
+            continue
     _write_atomic(path, "".join(line + "\n" for line in kept))
 
 
@@ -370,18 +394,22 @@ def train(
     total = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
     opt, sched = make_optimizer(model, cfg, total)
     pos = Position()
-    ckpt = latest_checkpoint(run) if resume else None
     remove_debris(run)
+    ckpt = latest_checkpoint(run) if resume else None
     if ckpt is not None:
         pos = load_checkpoint(ckpt, model, opt, sched)
-        trim_metrics(run, pos.step)
+        trim_metrics(run, pos)
         log.info("resumed from %s (step %d)", ckpt, pos.step)
+    elif resume:  # nothing to resume from: the rows of an attempt killed before its first save
+        trim_metrics(run, Position(metrics_bytes=0))
     save_config(cfg, run / "config.yaml")
     writer = _tensorboard(run) if cfg.output.tensorboard else None
     autocast = device.type == "cuda" and resolve_dtype(cfg.model.dtype, device) != torch.float32
     pad_id = processor.tokenizer.pad_token_id
     bar = tqdm(total=total, initial=pos.step, desc="train", disable=None)
-    while pos.epoch < cfg.optim.epochs and pos.step < total:
+    while pos.epoch < cfg.optim.epochs:
+        if pos.step >= total and pos.batch == 0:
+            break
         order = np.random.default_rng([cfg.optim.seed, pos.epoch]).permutation(len(train_rows))
         batches = [
             order[i : i + cfg.optim.batch_size] for i in range(0, len(order), cfg.optim.batch_size)
@@ -424,12 +452,14 @@ def train(
             if stop_after_steps is not None and pos.step >= stop_after_steps:
                 bar.close()
                 return pos
-        if pos.batch >= len(batches):
+        if pos.batch >= len(batches):  # also a resumed run saved at its epoch's last step
             pos.epoch, pos.batch = pos.epoch + 1, 0
             dev = rows.get(cfg.data.dev_split)
             if cfg.eval.enabled and dev:
                 _evaluate_epoch(model, processor, dev, cfg, run, pos, writer)
             save_checkpoint(run, model, processor, opt, sched, pos, cfg)
+        elif pos.step >= total:  # max_steps ended the run inside an epoch
+            break
     bar.close()
     _final_test(model, processor, rows, cfg, run, pos, writer)
     return pos

@@ -648,3 +648,27 @@ def test_a_warm_load_skips_hashing_until_a_file_changes(tmp_path, monkeypatch):
     assert [p.name for p in hashed] == ["tokenizer.json"]  # the others are still known
     with pytest.raises(BundleError, match="verify_hashes: expected True, False or 'full'"):
         load_bundle(tmp_path / "b", verify_hashes="yes")
+
+
+def test_a_rewrite_that_restores_the_modification_time_is_still_caught(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from gmner_rt import integrity
+    from gmner_rt.extractor import DEFAULT_BUNDLE
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shutil.copytree(DEFAULT_BUNDLE, tmp_path / "b")
+    load_bundle(tmp_path / "b")  # the full check, stamped
+    vision = tmp_path / "b" / "vision.onnx"
+    st = vision.stat()
+    data = bytearray(vision.read_bytes())
+    data[-1] ^= 0xFF
+    vision.write_bytes(bytes(data))
+    os.utime(vision, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old time, put back
+    with pytest.raises(BundleError, match="vision.onnx: sha256 mismatch"):
+        load_bundle(tmp_path / "b")
+    stamp = integrity.stamp_path(tmp_path / "b", (tmp_path / "b/manifest.json").read_bytes())
+    stamp.write_text("[1, 2]")  # valid JSON, not a stamp: ignored, the files are hashed
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        load_bundle(tmp_path / "b")

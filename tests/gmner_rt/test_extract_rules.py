@@ -207,7 +207,7 @@ def test_a_lone_surrogate_in_the_text_is_named(extractor, text):
         extractor.extract(EXAMPLE, text)
 
 
-@pytest.mark.parametrize("value", ["5", 2.0, True, -1])
+@pytest.mark.parametrize("value", ["5", 2.0, True, -1, np.float32(3)])
 def test_max_new_tokens_must_be_an_integer(extractor, value):
     with pytest.raises(InputError, match="max_new_tokens: expected an integer >= 0, got"):
         extractor.extract(EXAMPLE, "Zentro", max_new_tokens=value)
@@ -294,3 +294,8 @@ def test_an_empty_tokenizer_file_is_a_bundle_error(tmp_path):
     write_manifest(tmp_path / "b", data)
     with pytest.raises(BundleError, match="tokenizer.json: not a readable tokenizers file"):
         gmner_rt.load(tmp_path / "b", provider="cpu")
+
+
+def test_max_new_tokens_takes_numpy_integers(extractor):
+    result = extractor.extract(EXAMPLE, "Zentro", max_new_tokens=np.int64(60))
+    assert result.timings["tokens"] <= 60

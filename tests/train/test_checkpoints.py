@@ -73,6 +73,8 @@ def test_a_kill_while_a_step_is_rewritten_leaves_a_checkpoint(tmp_path, monkeypa
     found = latest_checkpoint(run)
     assert found is not None and found.name.startswith("step-000005.old-")
     assert json.loads((found / "position.json").read_text())["step"] == 5
+    remove_debris(run)  # what a resume does first: the step comes back under its own name
+    assert latest_checkpoint(run) == run / "checkpoints" / "step-000005"
 
 
 def test_rewriting_a_step_keeps_one_folder_and_the_newest_position(tmp_path):
@@ -113,11 +115,26 @@ def test_debris_of_killed_writes_is_removed(tmp_path):
     assert not stale.exists() and ours.exists()
 
 
-def test_a_resumed_run_logs_each_step_once(tmp_path):
+def test_a_resumed_run_cuts_the_log_back_to_its_checkpoint(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 8)] + [{"event": "start"}]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    trim_metrics(run, 4)
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 5)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (run / "metrics.jsonl").write_text(text + '{"step": 5, "lo')  # a torn last line
+    trim_metrics(run, Position(step=4, metrics_bytes=len(text)))
+    assert (run / "metrics.jsonl").read_text() == text
+    # a checkpoint written before the byte count: rows up to its step, torn lines dropped
+    (run / "metrics.jsonl").write_text(text + '{"step": 5, "lo')
+    trim_metrics(run, Position(step=2))
     kept = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r.get("step") for r in kept] == [1, 2, 3, 4, None]
+    assert [r["step"] for r in kept] == [1, 2]
+
+
+def test_a_step_moved_aside_by_a_kill_is_restored_or_removed(tmp_path):
+    run = tmp_path / "run"
+    old = _complete(run / "checkpoints" / "step-000003.old-4242")
+    remove_debris(run)
+    assert not old.exists() and (run / "checkpoints" / "step-000003").is_dir()
+    again = _complete(run / "checkpoints" / "step-000003.old-4243")
+    remove_debris(run)  # the replacement is complete: the old copy goes
+    assert not again.exists() and (run / "checkpoints" / "step-000003").is_dir()

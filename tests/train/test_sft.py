@@ -504,3 +504,24 @@ def test_fixture_is_not_modified(v2_subset, tmp_path):
     assert _sft(copy, imgs, tmp_path / "out", "--split", "dev") == 0
     after = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_gold_boxes_with_no_area_in_the_image_are_left_out_of_targets():
+    pytest.importorskip("torch")
+    from gmner.train.augment import GRBPConfig
+    from gmner.train.dataset import ExampleSettings, target_text
+
+    row = {
+        "image_size": (100, 50),
+        "records": [
+            {"mention": "Alice", "type": "PER", "boxes": [[10, 10, 20, 20], [150, 10, 160, 20]]},
+            {"mention": "Paris", "type": "LOC", "boxes": [[30, 50, 40, 60]]},  # below the image
+        ],
+    }
+    settings = ExampleSettings(
+        min_pixels=56 * 56, max_pixels=112 * 112, use_cot=False, max_length=512,
+        grbp=GRBPConfig(enabled=False), seed=0, prompt="full",
+    )  # fmt: skip
+    target = target_text(row, settings, None, 0)
+    assert "Alice|PER|[" in target and target.count("[") == 1  # one box kept
+    assert "Paris|LOC|None" in target

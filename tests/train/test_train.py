@@ -307,3 +307,31 @@ def test_real_scale_summary_and_its_cpu_refusal(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="no CUDA device"):
         real_scale.main(["--work", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # nothing built or written
+
+
+def test_a_run_stopped_after_its_last_step_still_evaluates_on_resume(tiny, images, tmp_path):
+    """Stopped right after the last step's checkpoint (save_every), before the epoch's end:
+    the resumed run evaluates dev and scores test as the uninterrupted run does, and logs each
+    row once."""
+    over = {
+        "output.save_every": 1,
+        "eval.enabled": True,
+        "eval.max_new_tokens": 4,
+        "data.test_split": "dev",
+        "data.limit": 4,
+    }
+    full = train(_cfg(tiny, images, tmp_path / "a", **over))
+    cfg = _cfg(tiny, images, tmp_path / "b", **over)
+    train(cfg, stop_after_steps=full.step)
+    resumed = train(cfg, resume=True)
+    assert resumed.epoch == full.epoch == 1 and resumed.step == full.step
+
+    def keys(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            (r.get("step"), tuple(sorted(k for k in r if not k.endswith(("_s", "per_s")))))
+            for r in rows
+        ]
+
+    assert keys(tmp_path / "b") == keys(tmp_path / "a")
+    assert (tmp_path / "b" / "test_scores.json").is_file()
