@@ -21,6 +21,7 @@ It runs on the device, needs onnxruntime-gpu with TensorRT, and never imports to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -36,11 +37,11 @@ from gmner_rt.bundle import (
     GRAPH_NAMES,
     Bundle,
     EngineLimits,
+    EngineSet,
     engine_set_to_dict,
     file_entry,
     load_bundle,
     manifest_to_dict,
-    parse_manifest,
     write_manifest,
 )
 from gmner_rt.devices import CudaDevice, cuda_device, tensorrt_version
@@ -305,11 +306,7 @@ def describe(config: EngineBuild) -> dict:
         "device": {"name": device.name, "compute_capability": device.compute_capability},
         "tensorrt": tensorrt,
         "precision": plan.precision,
-        "limits": {
-            "max_batch": plan.limits.max_batch,
-            "max_context": plan.limits.max_context,
-            "max_image_tokens": plan.limits.max_image_tokens,
-        },
+        "limits": dataclasses.asdict(plan.limits),
         "options": plan.options,
     }
 
@@ -322,31 +319,21 @@ def _record(bundle: Bundle, plan: EnginePlan, device, tensorrt: str, final: Path
     data["files"] = {k: v for k, v in data["files"].items() if not k.startswith(folder + "/")}
     for path in _stage_files(final):
         data["files"][path.relative_to(bundle.path).as_posix()] = file_entry(path)
-    entry = {
-        "name": plan.name,
-        "dir": folder,
-        "device": {"name": device.name, "compute_capability": device.compute_capability},
-        "versions": {"tensorrt": tensorrt, "onnxruntime": onnxruntime().__version__},
-        "precision": plan.precision,
-        "limits": {
-            "max_batch": plan.limits.max_batch,
-            "max_context": plan.limits.max_context,
-            "max_image_tokens": plan.limits.max_image_tokens,
-        },
-        "graphs": {g: f"{folder}/{g}_ctx.onnx" for g in GRAPH_NAMES},
-        "profiles": {
-            g: {name: _range(r) for name, r in profile.items()}
-            for g, profile in trt.profiles(m, plan.limits).items()
-        },
-        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "check": check,
-    }
-    others = [engine_set_to_dict(e) for e in m.engines if e.name != plan.name]
-    data["engines"] = [*others, entry]
-    parse_manifest(data, source=str(bundle.path / "manifest.json"))
-    write_manifest(bundle.path, data)
+    entry = EngineSet(
+        name=plan.name,
+        dir=folder,
+        device_name=device.name,
+        compute_capability=device.compute_capability,
+        tensorrt=tensorrt,
+        onnxruntime=onnxruntime().__version__,
+        precision=plan.precision,
+        limits=plan.limits,
+        graphs={g: f"{folder}/{g}_ctx.onnx" for g in GRAPH_NAMES},
+        profiles=trt.profiles(m, plan.limits),
+        created_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        check=check,
+    )
+    others = [e for e in m.engines if e.name != plan.name]
+    data["engines"] = [engine_set_to_dict(e) for e in (*others, entry)]
+    write_manifest(bundle.path, data)  # validates first
     load_bundle(bundle.path)  # the runtime's reader accepts what we wrote
-
-
-def _range(r) -> dict[str, list[int]]:
-    return {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)}
