@@ -26,7 +26,7 @@ from gmner.train.config import checkpoint_config, load_config
 
 from gmner_rt.bundle import TOKENIZER_NAME, file_entry, load_bundle, write_manifest
 from gmner_rt.data import LABELS
-from gmner_rt.prompt import PROMPT_STYLES, SYSTEM_PROMPT, instruction
+from gmner_rt.prompt import PROMPT_STYLES, prompt_style
 from gmner_rt.records import RECORD_FORMAT_VERSION
 
 from .merge import load_merged
@@ -57,9 +57,12 @@ class BundleOptions:
         max_image_tokens: cap on image tokens (sets max_pixels); None keeps the model's.
         verify: run the parity check (default on).
         name: a name recorded in the manifest.
-        prompt: instruction style (:data:`gmner_rt.prompt.PROMPT_STYLES`) the bundle's prompt
+        prompt: prompt style (:data:`gmner_rt.prompt.PROMPT_STYLES`) the bundle's prompt
             is written in; None takes the one the checkpoint was trained with
-            (:func:`trained_prompt_style`).
+            (:func:`trained_prompt`), and is an error for an adapter that has no gmner
+            training config (a plain PEFT directory, as the reference code writes).
+        system_prompt: a system prompt replacing the style's; None takes the checkpoint's
+            (its ``data.system_prompt``), else the style's.
     """
 
     model: Path
@@ -71,6 +74,7 @@ class BundleOptions:
     verify: bool = True
     name: str | None = None
     prompt: str | None = None
+    system_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_image_tokens is not None and self.max_image_tokens < 4:
@@ -78,23 +82,39 @@ class BundleOptions:
         if self.prompt is not None and self.prompt not in PROMPT_STYLES:
             raise ValueError(f"prompt: expected one of {PROMPT_STYLES}, got {self.prompt!r}")
 
-    def prompt_style(self) -> str:
-        """The instruction style to write: the one asked for, else the checkpoint's."""
-        if self.prompt is not None:
-            return self.prompt
-        return trained_prompt_style(self.adapter)
+def resolve_prompt(options: BundleOptions) -> tuple[str, str]:
+    """The (style, system prompt) to write: what was asked for, else the checkpoint's."""
+    style, system = trained_prompt(options.adapter, options.prompt)
+    if options.prompt is not None:
+        style = options.prompt
+    if options.system_prompt is not None:
+        system = options.system_prompt
+    return style, system or prompt_style(style).system
 
 
-def trained_prompt_style(adapter: Path | None) -> str:
-    """The ``data.prompt`` of the training config saved with ``adapter``
-    (:func:`gmner.train.config.checkpoint_config`); ``full`` when there is none."""
+def trained_prompt(adapter: Path | None, asked: str | None = None) -> tuple[str, str]:
+    """The ``data.prompt`` and ``data.system_prompt`` of the training config saved with
+    ``adapter`` (:func:`gmner.train.config.checkpoint_config`). Without an adapter: ``full``
+    and the style's system prompt. An adapter with no gmner config (a plain PEFT directory)
+    says nothing of how it was prompted, so ``asked`` (``--prompt``) must name it: a
+    ValueError otherwise, never a silent default."""
+    if adapter is None:
+        return "full", ""
     path = checkpoint_config(adapter)
     if path is None:
-        return "full"
+        if asked is None:
+            raise ValueError(
+                f"{adapter}: no gmner training config (config.yaml) beside this adapter, so "
+                "its prompt style is unknown; say how it was trained: --prompt reference for "
+                "an adapter trained by the E2E-GMNER reference code, else --prompt "
+                f"{'|'.join(s for s in PROMPT_STYLES if s != 'reference')}"
+            )
+        return asked, ""
     try:
-        return load_config(path).data.prompt
+        data = load_config(path).data
     except (ValueError, yaml.YAMLError) as exc:
         raise ValueError(f"{path}: {exc}") from exc
+    return data.prompt, data.system_prompt
 
 
 def _versions() -> dict[str, str | None]:
@@ -108,31 +128,33 @@ def _versions() -> dict[str, str | None]:
     return {"python": platform.python_version(), **{n: version(n) for n in names}}
 
 
-def _prompt(processor, style: str) -> dict[str, str]:
+def _prompt(processor, style: str, system: str) -> dict[str, str]:
     """The chat layout with {system}, {image}, {instruction} slots, rendered by the model's
-    own chat template (so the runtime's token ids equal ``apply_chat_template``'s)."""
+    own chat template (so the runtime's token ids equal ``apply_chat_template``'s), and the
+    texts of prompt style ``style`` with system prompt ``system``."""
     messages = [
-        {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+        {"role": "system", "content": [{"type": "text", "text": system}]},
         {
             "role": "user",
             "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION_SENTINEL}],
         },
     ]
     rendered = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    for piece in (SYSTEM_PROMPT, IMAGE_SLOT, INSTRUCTION_SENTINEL):
+    for piece in (system, IMAGE_SLOT, INSTRUCTION_SENTINEL):
         if rendered.count(piece) != 1:
             raise ValueError(f"chat template: expected {piece!r} once in {rendered!r}")
     template = (
-        rendered.replace(SYSTEM_PROMPT, "{system}")
+        rendered.replace(system, "{system}")
         .replace(IMAGE_SLOT, "{image}")
         .replace(INSTRUCTION_SENTINEL, "{instruction}")
     )
+    texts = prompt_style(style)
     return {
-        "system": SYSTEM_PROMPT,
+        "system": system,
         "chat_template": template,
         "image": "<|vision_start|>{image_pads}<|vision_end|>",
-        "instruction_think": instruction("{text}", LABELS, think=True, style=style),
-        "instruction_answer_only": instruction("{text}", LABELS, think=False, style=style),
+        "instruction_think": texts.instruction("{text}", LABELS, think=True),
+        "instruction_answer_only": texts.instruction("{text}", LABELS, think=False),
     }
 
 
@@ -220,11 +242,19 @@ def _model_info(config, options: BundleOptions) -> dict:
 
 
 def manifest_data(
-    facts, processor, graphs: dict, options: BundleOptions, bundle: Path, extra: dict
+    facts,
+    processor,
+    graphs: dict,
+    options: BundleOptions,
+    bundle: Path,
+    extra: dict,
+    *,
+    prompt: tuple[str, str] | None = None,
 ) -> dict:
     """The manifest dict for a bundle directory whose files are all written.
 
-    ``facts`` carries the model's ``config`` and its special token ids.
+    ``facts`` carries the model's ``config`` and its special token ids; ``prompt`` the
+    (style, system prompt) to write (default: :func:`resolve_prompt` of ``options``).
     """
     config = facts.config
     text = config.text_config
@@ -252,7 +282,7 @@ def manifest_data(
         "graphs": graphs,
         "tokens": facts.tokens,
         "image_processor": _image_processor(processor, config, options.max_image_tokens),
-        "prompt": _prompt(processor, options.prompt_style()),
+        "prompt": _prompt(processor, *(prompt or resolve_prompt(options))),
         "labels": list(LABELS),
         "record_format_version": RECORD_FORMAT_VERSION,
         "generation": {
@@ -271,6 +301,7 @@ def manifest_data(
 
 def export_bundle(options: BundleOptions) -> Path:
     """Merge, export, verify and write the bundle at ``options.out``; return its path."""
+    prompt = resolve_prompt(options)  # an unknown prompt style stops us before any work
     tmp = staging_dir(options.out)
     started = time.perf_counter()
     try:
@@ -293,7 +324,9 @@ def export_bundle(options: BundleOptions) -> Path:
             "max_abs_logit_diff": merge_report.max_abs_logit_diff,
         }
         parity["fp32_vision_mlps"] = list(kept)
-        data = manifest_data(facts, processor, graphs, options, tmp, {"parity": parity})
+        data = manifest_data(
+            facts, processor, graphs, options, tmp, {"parity": parity}, prompt=prompt
+        )
         write_manifest(tmp, data)
         load_bundle(tmp)  # the runtime's reader accepts what we wrote
     except BaseException:

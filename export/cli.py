@@ -103,8 +103,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt",
         choices=PROMPT_STYLES,
         default=None,
-        help="instruction style written into the bundle (default: the one the checkpoint's "
-        "config.yaml names, else full)",
+        help="prompt style written into the bundle (default: the one the checkpoint's "
+        "config.yaml names; required for an adapter without one, such as one trained by the "
+        "E2E-GMNER reference code: --prompt reference)",
+    )
+    parser.add_argument(
+        "--system-prompt",
+        default=None,
+        help="system prompt written into the bundle (default: the checkpoint's, else the "
+        "style's; the reference code's --system_prompt)",
     )
     _quant_flags(parser, required=False)
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
@@ -200,7 +207,7 @@ def _quant_settings(args: argparse.Namespace):
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .build import BundleOptions, export_bundle
+    from .build import BundleOptions, export_bundle, resolve_prompt
     from .onnx_export import ExportSettings
 
     missing = [
@@ -219,7 +226,9 @@ def _export(args: argparse.Namespace) -> int:
             verify=args.verify,
             name=args.name,
             prompt=args.prompt,
+            system_prompt=args.system_prompt,
         )
+        resolve_prompt(options)  # an adapter whose prompt style is unknown: before any work
     except ValueError as exc:
         raise InputError(f"gmner export: {exc}") from None
     export_bundle(options)

@@ -184,10 +184,13 @@ class DataConfig:
         train_split / dev_split / test_split: split names ('' skips dev or test).
         limit: use only the first N tweets of each split (0: all), for smoke runs.
         skip_missing_images: leave out tweets whose image is missing.
-        prompt: instruction wording, one of :data:`gmner_rt.prompt.PROMPT_STYLES`: ``full``
-            (the default, for pretrained models) or ``compact`` (a one-line task tag, for a
-            model trained from scratch on this task). ``gmner export`` writes the style the
-            checkpoint was trained with into the bundle.
+        prompt: prompt style (system prompt and instruction), one of
+            :data:`gmner_rt.prompt.PROMPT_STYLES`: ``full`` (the default, for pretrained
+            models), ``compact`` (a one-line task tag, for a model trained from scratch on this
+            task) or ``reference`` (the E2E-GMNER reference code's texts). ``gmner export``
+            writes the style the checkpoint was trained with into the bundle.
+        system_prompt: a system prompt replacing the style's ('' keeps the style's; the
+            reference's ``--system_prompt``); exported with the checkpoint.
     """
 
     dir: str = ""
@@ -200,6 +203,7 @@ class DataConfig:
     limit: int = 0
     skip_missing_images: bool = False
     prompt: str = "full"
+    system_prompt: str = ""
 
     def __post_init__(self) -> None:
         _check(self.limit >= 0, "data.limit", "must be >= 0", self.limit)

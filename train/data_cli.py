@@ -52,7 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt",
         choices=PROMPT_STYLES,
         default="full",
-        help="instruction wording (default full; compact: a one-line task tag)",
+        help="prompt style: full (default), compact (a one-line task tag) or reference (the "
+        "E2E-GMNER reference code's system prompt and instruction)",
+    )
+    sft.add_argument(
+        "--system-prompt",
+        default="",
+        help="a system prompt replacing the style's",
     )
     sft.add_argument(
         "--skip-missing-images",
@@ -126,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         skip_missing_images=args.skip_missing_images,
         prompt=args.prompt,
+        system_prompt=args.system_prompt,
     )
     splits = args.splits or available_splits(args.dir)
     if not splits:

@@ -22,7 +22,7 @@ from PIL import Image
 from gmner_rt.data import LABELS
 from gmner_rt.errors import InputError
 from gmner_rt.geometry import ImageGeometry
-from gmner_rt.prompt import SYSTEM_PROMPT, user_message
+from gmner_rt.prompt import system_message, user_message
 from gmner_rt.records import EntityRecord, format_answer
 from gmner_rt.text_ids import TEXT_SENTINEL, PlainText
 from gmner_rt.vision import to_rgb
@@ -48,7 +48,8 @@ class ExampleSettings:
         max_length: token limit; longer examples lose the end of their target (logged).
         grbp: box perturbation, applied to training examples only.
         seed: GRBP seed.
-        prompt: instruction wording, one of :data:`gmner_rt.prompt.PROMPT_STYLES`.
+        prompt: prompt style, one of :data:`gmner_rt.prompt.PROMPT_STYLES`.
+        system_prompt: a system prompt replacing the style's ('' keeps the style's).
     """
 
     min_pixels: int
@@ -58,6 +59,7 @@ class ExampleSettings:
     grbp: GRBPConfig
     seed: int
     prompt: str = "full"
+    system_prompt: str = ""
 
 
 def row_records(row: dict) -> tuple[EntityRecord, ...]:
@@ -76,10 +78,10 @@ def load_image(path: str) -> Image.Image:
 
 
 def prompt_messages(
-    row: dict, image: Image.Image, use_cot: bool, style: str = "full"
+    row: dict, image: Image.Image, use_cot: bool, style: str = "full", system_prompt: str = ""
 ) -> list[dict]:
     return [
-        {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+        system_message(style, system_prompt),
         user_message(image, row["text"], LABELS, think=use_cot, style=style),
     ]
 
@@ -94,8 +96,10 @@ def target_text(row: dict, settings: ExampleSettings, epoch: int | None, index: 
     if epoch is not None and settings.grbp.enabled:
         rng = sample_rng(settings.seed, epoch, index)
         records = perturb_records(records, geo.model_size, settings.grbp, rng)
-    think = row.get("think") if settings.use_cot else None
-    return format_answer(records, think=think or None)
+    # A tweet without reasoning text still gets its (empty) think block when the prompt asks
+    # for reasoning, as the reference trains it: the answer never starts where <think> should.
+    think = (row.get("think") or "") if settings.use_cot else None
+    return format_answer(records, think=think)
 
 
 def _to_model(record: EntityRecord, geo: ImageGeometry, width: int, height: int) -> EntityRecord:
@@ -113,12 +117,19 @@ def _to_model(record: EntityRecord, geo: ImageGeometry, width: int, height: int)
 
 
 def encode_prompt(
-    processor, row: dict, image: Image.Image, use_cot: bool, style: str = "full"
+    processor,
+    row: dict,
+    image: Image.Image,
+    use_cot: bool,
+    style: str = "full",
+    system_prompt: str = "",
 ) -> dict:
     """Token ids (image pads expanded), pixel values and grid of the prompt. The tweet is
     encoded as plain text and spliced in (:mod:`gmner_rt.text_ids`), exactly as the runtime
     does: control tokens typed in a tweet stay text."""
-    messages = prompt_messages({**row, "text": TEXT_SENTINEL}, image, use_cot, style)
+    messages = prompt_messages(
+        {**row, "text": TEXT_SENTINEL}, image, use_cot, style, system_prompt
+    )
     rendered = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     out = processor(text=[rendered], images=[image], return_tensors="pt")
     s = _plain_text(processor).splice(out["input_ids"][0].tolist(), row["text"])
@@ -148,7 +159,9 @@ def encode_example(
 ) -> dict:
     """One example: input ids, labels (assistant turn only) and image tensors."""
     image = load_image(row["images"][0])
-    prompt = encode_prompt(processor, row, image, settings.use_cot, settings.prompt)
+    prompt = encode_prompt(
+        processor, row, image, settings.use_cot, settings.prompt, settings.system_prompt
+    )
     target = target_text(row, settings, epoch, index) + END_OF_TURN
     target_ids = processor.tokenizer(target, add_special_tokens=False, return_tensors="pt")
     target_ids = target_ids["input_ids"][0]
@@ -208,10 +221,12 @@ def collate(examples: Sequence[dict], pad_id: int, *, left: bool = False) -> dic
     return batch
 
 
-def prompt_example(processor, row: dict, use_cot: bool, style: str = "full") -> dict:
+def prompt_example(
+    processor, row: dict, use_cot: bool, style: str = "full", system_prompt: str = ""
+) -> dict:
     """The prompt alone, for generation."""
     image = load_image(row["images"][0])
-    prompt = encode_prompt(processor, row, image, use_cot, style)
+    prompt = encode_prompt(processor, row, image, use_cot, style, system_prompt)
     example = {
         "input_ids": prompt["input_ids"][0],
         "pixel_values": prompt["pixel_values"],
@@ -232,4 +247,5 @@ def example_settings(cfg: TrainConfig) -> ExampleSettings:
         grbp=cfg.grbp,
         seed=cfg.optim.seed,
         prompt=cfg.data.prompt,
+        system_prompt=cfg.data.system_prompt,
     )

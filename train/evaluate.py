@@ -46,7 +46,10 @@ def generate_outputs(
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         examples = [
-            prompt_example(processor, row, settings.use_cot, settings.prompt) for row in chunk
+            prompt_example(
+                processor, row, settings.use_cot, settings.prompt, settings.system_prompt
+            )
+            for row in chunk
         ]
         batch = _to_device(collate(examples, tok.pad_token_id, left=True), device)
         generated = model.generate(

@@ -67,6 +67,7 @@ def load_rows(cfg: TrainConfig) -> dict[str, list[dict]]:
         max_pixels=cfg.model.max_pixels,
         skip_missing_images=cfg.data.skip_missing_images,
         prompt=cfg.data.prompt,
+        system_prompt=cfg.data.system_prompt,
     )
     cot = load_cot(cfg.data.cot) if cfg.data.use_cot and cfg.data.cot else None
     rows: dict[str, list[dict]] = {}

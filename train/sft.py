@@ -2,7 +2,7 @@
 
 One row per tweet::
 
-    {"id": img_id, "messages": [user turn (image + instruction), assistant turn (target)],
+    {"id": img_id, "messages": [system turn, user turn (image + instruction), assistant turn],
      "images": [path], "image_size": [w, h], "model_size": [w, h], "text": ...,
      "records": [{"mention", "type", "boxes"}] (ORIGINAL pixels), "think": str | null,
      "box_space": "model", "record_format_version": N, "min_pixels": .., "max_pixels": ..}
@@ -28,7 +28,7 @@ from gmner_rt.errors import DataError, InputError
 from gmner_rt.geometry import ImageGeometry
 from gmner_rt.images import image_size
 from gmner_rt.predictions import iter_json_objects
-from gmner_rt.prompt import PROMPT_STYLES, assistant_message, user_message
+from gmner_rt.prompt import PROMPT_STYLES, assistant_message, system_message, user_message
 from gmner_rt.records import RECORD_FORMAT_VERSION, EntityRecord, format_answer
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class SftConfig:
         max_pixels: largest image area the model sees (``--max-pixels``).
         skip_missing_images: drop tweets whose image is missing instead of failing.
         labels: the entity types named in the instruction.
-        prompt: instruction wording (:data:`gmner_rt.prompt.PROMPT_STYLES`).
+        prompt: prompt style (:data:`gmner_rt.prompt.PROMPT_STYLES`).
+        system_prompt: a system prompt replacing the style's ('' keeps the style's).
     """
 
     image_dirs: tuple[Path, ...]
@@ -58,6 +59,7 @@ class SftConfig:
     skip_missing_images: bool = False
     labels: tuple[str, ...] = LABELS
     prompt: str = "full"
+    system_prompt: str = ""
 
     def __post_init__(self) -> None:
         if self.prompt not in PROMPT_STYLES:
@@ -130,10 +132,12 @@ def sft_row(
     """The training row of one tweet."""
     geo = ImageGeometry.for_image(*size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     model_records = [r.map_boxes(geo.to_model) for r in tweet.records()]
-    target = format_answer(model_records, think=think)
+    # the prompt asks for reasoning: a tweet without it gets an empty think block
+    target = format_answer(model_records, think=(think or "") if with_think_prompt else None)
     return {
         "id": tweet.img_id,
         "messages": [
+            system_message(cfg.prompt, cfg.system_prompt),
             user_message(
                 str(image_path), tweet.text, cfg.labels, think=with_think_prompt, style=cfg.prompt
             ),

@@ -233,24 +233,36 @@ def test_cli_export_and_its_errors(tiny, tmp_path, caplog):
 
 
 def test_bundle_prompt_follows_the_training_config(adapter, tmp_path):
-    """Without --prompt the bundle is written in the style the checkpoint was trained with:
-    its config.yaml, or the run folder's two levels up; a bad value names the file."""
-    from gmner.export.build import trained_prompt_style
+    """Without --prompt the bundle is written in the style (and system prompt) the
+    checkpoint was trained with: its config.yaml, or the run folder's two levels up; an
+    adapter with no config at all needs --prompt; a bad value names the file."""
+    from gmner.export.build import resolve_prompt, trained_prompt
     from gmner.train.config import load_config, save_config
 
-    assert trained_prompt_style(None) == "full"
-    assert trained_prompt_style(adapter) == "full"  # the fixture trained with the default
+    from gmner_rt.prompt import STYLES
+
+    assert trained_prompt(None) == ("full", "")
+    assert trained_prompt(adapter) == ("full", "")  # the fixture trained with the default
     ckpt = tmp_path / "run" / "checkpoints" / "step-000003"
     ckpt.mkdir(parents=True)
-    assert trained_prompt_style(ckpt) == "full"  # no config anywhere
-    save_config(load_config(None, {"data.prompt": "compact"}), tmp_path / "run" / "config.yaml")
-    assert trained_prompt_style(ckpt) == "compact"
+    with pytest.raises(ValueError, match=r"no gmner training config.*--prompt"):
+        trained_prompt(ckpt)  # no config anywhere
+    assert trained_prompt(ckpt, "reference") == ("reference", "")
+    save_config(
+        load_config(None, {"data.prompt": "compact", "data.system_prompt": "Be brief."}),
+        tmp_path / "run" / "config.yaml",
+    )
+    assert trained_prompt(ckpt) == ("compact", "Be brief.")
     options = BundleOptions(model=tmp_path, adapter=ckpt, out=tmp_path / "b")
-    assert options.prompt_style() == "compact"
-    assert replace(options, prompt="full").prompt_style() == "full"
+    assert resolve_prompt(options) == ("compact", "Be brief.")
+    assert resolve_prompt(replace(options, prompt="full")) == ("full", "Be brief.")
+    assert resolve_prompt(replace(options, prompt="reference", system_prompt="")) == (
+        "reference",
+        STYLES["reference"].system,
+    )
     (ckpt / "config.yaml").write_text("data:\n  prompt: terse\n")
     with pytest.raises(ValueError, match=r"config.yaml: --data.prompt must be one of .*'terse'"):
-        trained_prompt_style(ckpt)
+        trained_prompt(ckpt)
     with pytest.raises(ValueError, match="prompt: expected one of"):
         BundleOptions(model=tmp_path, adapter=None, out=tmp_path / "c", prompt="terse")
 

@@ -15,6 +15,7 @@ from gmner_rt.data import load_split
 from gmner_rt.errors import InputError
 from gmner_rt.geometry import ImageGeometry, smart_resize
 from gmner_rt.images import image_size
+from gmner_rt.prompt import SYSTEM_PROMPT
 from gmner_rt.records import parse_output
 
 MIN_PIXELS = 256 * 28 * 28
@@ -68,7 +69,8 @@ def plain_out(tmp_path_factory, v2_subset, images) -> Path:
 
 
 def _user_parts(row: dict) -> tuple[dict, dict]:
-    user = row["messages"][0]
+    system, user = row["messages"][:2]
+    assert system == {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}
     assert user["role"] == "user"
     image_part = next(p for p in user["content"] if p["type"] == "image")
     text_part = next(p for p in user["content"] if p["type"] == "text")
@@ -76,7 +78,7 @@ def _user_parts(row: dict) -> tuple[dict, dict]:
 
 
 def _target(row: dict) -> str:
-    assistant = row["messages"][1]
+    assistant = row["messages"][2]
     assert assistant["role"] == "assistant"
     (part,) = assistant["content"]
     assert part["type"] == "text"
@@ -85,7 +87,7 @@ def _target(row: dict) -> str:
 
 def _check_row(row, tweet, image_path: Path, size, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
     assert row["id"] == tweet.img_id
-    assert len(row["messages"]) == 2
+    assert len(row["messages"]) == 3
     image_part, text_part = _user_parts(row)
     assert image_part["image"] == str(image_path.resolve())
     assert row["images"] == [str(image_path.resolve())]
@@ -279,9 +281,9 @@ def test_cot_targets_have_think_for_tweets_with_reasoning(v2_subset, images, twe
                 assert target.startswith(f"<think>{think}</think><answer>")
                 assert parsed.think == think
                 assert row["think"] == think
-            else:
-                assert target.startswith("<answer>")
-                assert parsed.think is None
+            else:  # the prompt asks for reasoning: an empty think block, as the reference
+                assert target.startswith("<think></think><answer>")
+                assert not parsed.think
                 assert row["think"] is None
             assert target.endswith("</answer>")
 

@@ -366,9 +366,13 @@ def test_prompt_styles():
         for style in PROMPT_STYLES
         for think in (True, False)
     }
-    assert len(set(texts.values())) == 4  # every style and mode words it differently
-    for text in texts.values():
+    ours = {k: v for k, v in texts.items() if k[0] != "reference"}
+    assert len(set(ours.values())) == 4  # every style and mode words it differently
+    for text in ours.values():
         assert text.endswith("\nText: Zentro meets {x}") and "PER, LOC, ORG, OTHER" in text
     assert len(texts["compact", True]) < len(texts["full", True]) / 5
+    # the reference asks for reasoning in its system prompt, whatever the mode
+    assert texts["reference", True] == texts["reference", False]
+    assert texts["reference", True].endswith("\n\nText: Zentro meets {x}")
     with pytest.raises(ValueError, match="prompt style"):
         instruction("x", labels, style="short")
