@@ -1,7 +1,7 @@
 """``gmner train``: LoRA fine-tuning with the paper's recipe, one command.
 
     gmner train --model QWEN_DIR --data TWITTER_GMNER_DIR --images IMG_DIR --cot cot.jsonl \
-        --out runs/exp1 [--config run.yaml] [--resume] [--optim.lr 1e-4 ...]
+        --out runs/exp1 [--recipe reference] [--config run.yaml] [--resume] [--optim.lr 1e-4 ...]
 
 The short flags set leaves of the configuration tree (:mod:`gmner.train.config`); every leaf
 also has its own ``--section.field`` flag.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .config import add_config_flags, config_from_args
+from .config import RECIPES, add_config_flags, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,12 @@ _SHORT = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        help="start from a shipped recipe (reference: every setting of the E2E-GMNER "
+        "reference's train_lora.sh); --config and flags override it",
+    )
     parser.add_argument("--config", help="YAML file with (part of) the configuration tree")
     parser.add_argument("--model", help="local Qwen2.5-VL directory (model.path)")
     parser.add_argument("--data", help="Twitter-GMNER folder (data.dir)")
@@ -50,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             setattr(args, f"cfg:{dotted}", value)
     if args.no_cot:
         setattr(args, "cfg:data.use_cot", False)
-    cfg = config_from_args(args, args.config)
+    cfg = config_from_args(args, args.config, args.recipe)
     from .loop import train  # torch is imported only when training runs
 
     pos = train(cfg, resume=args.resume)

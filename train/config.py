@@ -24,6 +24,7 @@ from .augment import GRBPConfig
 from .sft import PAPER_MAX_PIXELS, PAPER_MIN_PIXELS
 
 __all__ = [
+    "RECIPES",
     "TrainConfig",
     "add_config_flags",
     "checkpoint_config",
@@ -308,14 +309,47 @@ def _build(cls: type, values: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-    """A config from a YAML file (optional) with ``{"optim.lr": 1e-4, ...}`` overrides."""
-    tree: dict = {}
+#: Shipped recipes (``gmner train --recipe NAME``): YAML files beside this module.
+RECIPE_DIR = Path(__file__).with_name("recipes")
+RECIPES = tuple(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+
+
+def recipe_path(name: str) -> Path:
+    """The YAML file of shipped recipe ``name``; ``ValueError`` naming the choices."""
+    if name not in RECIPES:
+        raise ValueError(f"--recipe: expected one of {', '.join(RECIPES)}, got {name!r}")
+    return RECIPE_DIR / f"{name}.yaml"
+
+
+def _read_tree(path: str | Path) -> dict:
+    loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+def _merge_tree(base: dict, top: dict) -> dict:
+    """``top`` laid over ``base``, section by section."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge_tree(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict | None = None,
+    *,
+    recipe: str | None = None,
+) -> TrainConfig:
+    """A config from a shipped recipe (optional), then a YAML file (optional), then
+    ``{"optim.lr": 1e-4, ...}`` overrides, each laid over the one before."""
+    tree: dict = _read_tree(recipe_path(recipe)) if recipe is not None else {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        tree = loaded
+        tree = _merge_tree(tree, _read_tree(path))
     for dotted, value in (overrides or {}).items():
         node = tree
         *parents, leaf = dotted.split(".")
@@ -374,12 +408,14 @@ def _default(f: dataclasses.Field) -> object:
 
 
 def config_from_args(
-    args: argparse.Namespace, config_path: str | Path | None = None
+    args: argparse.Namespace,
+    config_path: str | Path | None = None,
+    recipe: str | None = None,
 ) -> TrainConfig:
-    """The config of a command line: the YAML file, then every flag that was given."""
+    """The config of a command line: the recipe, the YAML file, then every flag given."""
     overrides = {
         key[len("cfg:") :]: value
         for key, value in vars(args).items()
         if key.startswith("cfg:") and value is not None
     }
-    return load_config(config_path, overrides)
+    return load_config(config_path, overrides, recipe=recipe)
