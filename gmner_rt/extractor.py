@@ -86,6 +86,8 @@ class Extraction:
         malformed: answer segments that did not parse, as written.
         token_ids: the generated token ids (stop token included).
         image_size: the original image's (width, height).
+        model_size: the image's (width, height) as the model saw it; ``raw``'s boxes are in
+            its pixels.
         timings: seconds per stage (floats: preprocess, vision, prefill, decode, choose:
             picking tokens, the grammar's masks included, total), and counts (ints): generated
             tokens (tokens), decoder calls for the batch, prefill included (steps), and tokens
@@ -99,6 +101,7 @@ class Extraction:
     token_ids: tuple[int, ...]
     image_size: tuple[int, int]
     timings: dict[str, float | int] = field(default_factory=dict)
+    model_size: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (lists for tuples)."""
@@ -113,6 +116,7 @@ class Extraction:
         ]
         data["token_ids"] = list(self.token_ids)
         data["image_size"] = list(self.image_size)
+        data["model_size"] = list(self.model_size) if self.model_size else None
         return data
 
 
@@ -463,6 +467,7 @@ class Extractor:
             tuple(tokens),
             request.geometry.original_size,
             timings,
+            request.geometry.model_size,
         )
 
 

@@ -9,12 +9,19 @@ gold box. Repeated identical records stay separate predictions; a record that ca
 is a prediction and wrong. Correct = size of a maximum matching between predictions and gold
 entities (each used once), for all three tasks. MNER ignores regions, EEG ignores types.
 
-``e2e``: the E2E-GMNER reference's scoring, to compare with its numbers. Answers are read the
-way its parser reads them (split on ``;``/``；``/newlines and bars, no escapes); unparseable
-segments are dropped; mentions compare as written; a region is right when both are None or the
-best IoU between any predicted and any gold box is >= 0.5; GMNER and EEG take a maximum
-matching, MNER a greedy one. (The reference scores in model space; here every protocol scores
-boxes in the space the caller gives, normally original pixels.)
+``e2e``: the E2E-GMNER reference's evaluator (``engine/evaluator.py`` and
+``evaluation/{parsing,geometry,metrics}.py`` of Finch-coder/E2E-GMNER), to compare with its
+numbers. It scores the model's RAW text in MODEL pixels (:class:`~gmner_rt.predictions.
+ModelText`), never text gmner has parsed or mapped: gold boxes are scaled to model space as
+the reference scales them (``round(x * model_w / w)``, clamped to the image, ordered), gold is
+written as the reference's answer text and read back by the same parser as the prediction;
+answers are split on ``;``/``；``/newlines and bars (five Unicode bar look-alikes read as
+``|``), no escapes; segments with fewer than three fields are dropped; a region that does not
+parse never matches; mentions compare as written; a region is right when both are None or the
+best IoU between any predicted and any gold box is >= 0.5; GMNER and EEG count a maximum
+matching, MNER a greedy one. Tweets whose image has a side under 28 pixels (or an aspect ratio
+over 200) are dropped from both sides, as the reference's ``smart_resize`` drops them; so is a
+tweet whose gold answer text does not parse.
 
 This module knows nothing about models, images or files.
 """
@@ -24,14 +31,17 @@ from __future__ import annotations
 import html
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .geometry import Box, iou
+from .predictions import ModelText
 from .records import EntityRecord, parse_output
 
 __all__ = [
     "PROTOCOLS",
+    "ModelText",
+    "e2e_gold_text",
     "Counts",
     "EvalReport",
     "evaluate",
@@ -42,6 +52,10 @@ __all__ = [
 
 PROTOCOLS = ("hindex", "e2e")
 IOU_THRESHOLD = 0.5
+#: The reference's smart_resize refuses images with a side under its factor (28) or an
+#: aspect ratio over 200; its evaluation drops such tweets.
+E2E_MIN_SIDE = 28
+E2E_MAX_ASPECT = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +109,8 @@ class EvalReport:
             in ``e2e``).
         tweets: tweets scored; missing: of them, tweets without a prediction.
         protocol: ``hindex`` or ``e2e``.
+        dropped: tweets the ``e2e`` protocol leaves out (image side < 28 px, aspect > 200,
+            or gold text that does not parse), as the reference does.
     """
 
     gmner: Counts
@@ -105,6 +121,7 @@ class EvalReport:
     tweets: int
     missing: int
     protocol: str
+    dropped: int = 0
 
     def as_dict(self) -> dict:
         return {
@@ -119,6 +136,7 @@ class EvalReport:
             "tweets": self.tweets,
             "missing": self.missing,
             "protocol": self.protocol,
+            "dropped": self.dropped,
         }
 
 
@@ -227,11 +245,13 @@ def _e2e_answer(text: str) -> str:
 
 
 def _e2e_region(region: str) -> tuple[tuple[Box, ...] | None, bool]:
+    """The reference's ``parse_bbox_regions`` (non-strict): JSON first, else every number
+    in the text, four by four; ``(None, False)`` when nothing usable is there."""
     if region.lower() in ("none", "n/a"):
         return None, True
     try:
         value = json.loads(region)
-    except ValueError:
+    except (ValueError, RecursionError):
         value = None
     if isinstance(value, list):
         if len(value) == 4 and all(isinstance(v, int | float) for v in value):
@@ -239,8 +259,9 @@ def _e2e_region(region: str) -> tuple[tuple[Box, ...] | None, bool]:
         if value and all(isinstance(b, list) for b in value):
             if all(len(b) == 4 and all(isinstance(v, int | float) for v in b) for b in value):
                 return tuple(_box(b) for b in value), True
-            return None, False
-        if not value:
+            # a bad element: the reference's raise is caught by its own except, and the
+            # numbers are read as below
+        elif not value:
             return None, False
     numbers = [float(v) for v in _E2E_NUMBER.findall(region)]
     if not numbers or len(numbers) % 4:
@@ -253,6 +274,7 @@ def _box(values: Sequence[float]) -> Box:
 
 
 def _read_e2e(text: str) -> tuple[list[_Pred], int]:
+    """The reference's ``extract_answer_text`` then ``parse_triples`` (non-strict)."""
     answer = _e2e_answer(text).translate(_E2E_BARS).strip()
     if not answer or answer.lower() == "none":
         return [], 0
@@ -271,15 +293,55 @@ def _read_e2e(text: str) -> tuple[list[_Pred], int]:
     return preds, dropped
 
 
-_READERS: dict[str, Callable[[str], tuple[list[_Pred], int]]] = {
-    "hindex": _read_hindex,
-    "e2e": _read_e2e,
-}
+def _gold(records: Iterable[EntityRecord]) -> list[_Pred]:
+    return [_Pred(normalize_mention(r.mention), r.type, r.boxes) for r in records]
 
 
-def _gold(records: Iterable[EntityRecord], protocol: str) -> list[_Pred]:
-    norm = normalize_mention if protocol == "hindex" else str.strip
-    return [_Pred(norm(r.mention), r.type, r.boxes) for r in records]
+def _e2e_usable(image_size: tuple[int, int]) -> bool:
+    w, h = image_size
+    return min(w, h) >= E2E_MIN_SIDE and max(w, h) / min(w, h) <= E2E_MAX_ASPECT
+
+
+def _e2e_scale(box: Box, sx: float, sy: float, size: tuple[int, int]) -> list[int]:
+    """The reference's ``scale_box_xyxy``: round, clamp to the image, order."""
+    mw, mh = size
+    x1, y1, x2, y2 = (
+        min(max(int(round(v * s)), 0), lim)
+        for v, s, lim in zip(box, (sx, sy, sx, sy), (mw, mh, mw, mh), strict=True)
+    )
+    return [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
+
+
+def e2e_gold_text(
+    records: Sequence[EntityRecord], image_size: tuple[int, int], model_size: tuple[int, int]
+) -> str:
+    """Gold records as the reference's answer text in model pixels (its SFT answer rescaled
+    by its collator: one box as ``[x1,y1,x2,y2]``, several as ``[[..],[..]]``)."""
+    sx, sy = model_size[0] / image_size[0], model_size[1] / image_size[1]
+    segments = []
+    for r in records:
+        if r.boxes is None:
+            region = "None"
+        else:
+            boxes = [_e2e_scale(b, sx, sy, model_size) for b in r.boxes]
+            region = json.dumps(boxes[0] if len(boxes) == 1 else boxes, separators=(",", ":"))
+        segments.append(f"{r.mention}|{r.type}|{region}")
+    return "; ".join(segments) if segments else "None"
+
+
+def _e2e_gold(records: Sequence[EntityRecord], text: ModelText | None) -> list[_Pred] | None:
+    """The gold as the reference reads it, or None when the reference drops the tweet."""
+    if text is not None and not _e2e_usable(text.image_size):
+        return None
+    if text is None:  # no prediction: the gold count alone matters, boxes are unscaled
+        sizes = ((1, 1), (1, 1))
+    else:
+        sizes = (text.image_size, text.model_size)
+    gold_text = e2e_gold_text(records, *sizes)
+    golds, _ = _read_e2e(gold_text)
+    if not golds and gold_text.lower() != "none":
+        return None  # its collator skips an example whose gold answer does not parse
+    return golds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,30 +389,52 @@ def evaluate(
     outputs: Mapping[str, str],
     *,
     protocol: str = "hindex",
+    model_texts: Mapping[str, ModelText] | None = None,
 ) -> EvalReport:
     """Score model outputs against gold records, tweet by tweet.
 
     Args:
-        gold: gold records per image id (boxes in the same space as the predictions).
-        outputs: raw model text per image id; a tweet missing here has no prediction.
+        gold: gold records per image id, boxes in original pixels.
+        outputs: model text per image id, boxes in original pixels (``hindex``); a tweet
+            missing here has no prediction.
         protocol: ``hindex`` (default) or ``e2e``.
+        model_texts: the generated texts in model pixels with their sizes, per image id:
+            what ``e2e`` scores (required for it, and for every id in ``outputs``).
 
     Raises:
-        ValueError: for an unknown protocol or an output id that is not in ``gold``.
+        ValueError: for an unknown protocol, an output id that is not in ``gold``, or
+            ``e2e`` without the model texts.
     """
-    if protocol not in _READERS:
+    if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     unknown = sorted(set(outputs) - set(gold))
     if unknown:
         raise ValueError(f"predictions for unknown image ids: {', '.join(unknown[:5])}")
+    if protocol == "e2e":
+        lacking = sorted(set(outputs) - set(model_texts or {}))
+        if lacking:
+            raise ValueError(
+                "protocol e2e scores the text as the model generated it, in model pixels, "
+                f"and {len(lacking)} prediction(s) lack it (e.g. {', '.join(lacking[:3])}); "
+                "predictions written by gmner eval --bundle/--model or by training carry it"
+            )
     totals = _Totals()
-    malformed = missing = 0
+    malformed = missing = dropped = 0
     for img_id, records in gold.items():
         text = outputs.get(img_id)
         missing += text is None
-        preds, bad = _READERS[protocol](text or "")
+        if protocol == "hindex":
+            preds, bad = _read_hindex(text or "")
+            golds = _gold(records)
+        else:
+            model_text = (model_texts or {}).get(img_id) if text is not None else None
+            golds = _e2e_gold(records, model_text)
+            if golds is None:
+                dropped += 1
+                continue
+            preds, bad = _read_e2e(model_text.raw.strip() if model_text else "")
         malformed += bad
-        _score(preds, _gold(records, protocol), protocol, totals)
+        _score(preds, golds, protocol, totals)
     return EvalReport(
         gmner=totals.gmner,
         mner=totals.mner,
@@ -360,4 +444,5 @@ def evaluate(
         tweets=len(gold),
         missing=missing,
         protocol=protocol,
+        dropped=dropped,
     )

@@ -1,7 +1,9 @@
 """The predictions file: JSONL of ``{"img_id": "...", "output": "<model text>"}``.
 
-Boxes in ``output`` are in ORIGINAL image pixels. Written by evaluation runs, read by
-``gmner eval --pred``. This module knows nothing about models or metrics.
+Boxes in ``output`` are in ORIGINAL image pixels. Rows written by gmner's evaluation runs also
+carry the model's text as generated (``raw``, boxes in MODEL pixels) with ``image_size`` and
+``model_size`` (``[w, h]``), which the ``e2e`` protocol scores as the reference code does.
+Read by ``gmner eval --pred``. This module knows nothing about models or metrics.
 """
 
 from __future__ import annotations
@@ -9,11 +11,40 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["iter_json_objects", "read_predictions", "write_predictions"]
+__all__ = [
+    "ModelText",
+    "iter_json_objects",
+    "read_model_texts",
+    "read_predictions",
+    "write_predictions",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelText:
+    """A model's text as generated, with the sizes that place its boxes.
+
+    Attributes:
+        raw: the generated text (special tokens skipped), boxes in model pixels.
+        image_size: the original image's ``(width, height)``.
+        model_size: the image's ``(width, height)`` as the model saw it (``smart_resize``).
+    """
+
+    raw: str
+    image_size: tuple[int, int]
+    model_size: tuple[int, int]
+
+    def as_fields(self) -> dict:
+        return {
+            "raw": self.raw,
+            "image_size": list(self.image_size),
+            "model_size": list(self.model_size),
+        }
 
 
 def iter_json_objects(path: Path, expected: str) -> Iterator[tuple[str, dict]]:
@@ -53,15 +84,51 @@ def read_predictions(path: str | Path) -> dict[str, str]:
     return outputs
 
 
+def _size(where: str, name: str, value: object) -> tuple[int, int]:
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise InputError(f"{where}: field {name} must be [width, height] in pixels, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def read_model_texts(path: str | Path) -> dict[str, ModelText]:
+    """The generated texts and sizes of a predictions file, by image id; an id whose row
+    lacks them is absent (files written before they were recorded have none). A field that
+    is present but wrong is an :class:`InputError` naming file:line."""
+    texts: dict[str, ModelText] = {}
+    for where, row in iter_json_objects(Path(path), "img_id and output"):
+        if "raw" not in row:
+            continue
+        if not isinstance(row["raw"], str):
+            raise InputError(f"{where}: field raw must be a string, got {row['raw']!r}")
+        texts[str(row.get("img_id"))] = ModelText(
+            row["raw"],
+            _size(where, "image_size", row.get("image_size")),
+            _size(where, "model_size", row.get("model_size")),
+        )
+    return texts
+
+
 def write_predictions(
-    path: str | Path, outputs: Mapping[str, str] | Iterable[tuple[str, str]], **extra: object
+    path: str | Path,
+    outputs: Mapping[str, str] | Iterable[tuple[str, str]],
+    *,
+    model_texts: Mapping[str, ModelText] | None = None,
+    **extra: object,
 ) -> None:
-    """Write outputs atomically (a temporary file renamed into place)."""
+    """Write outputs atomically (a temporary file renamed into place); with
+    ``model_texts``, each row also carries its id's generated text and sizes."""
     path = Path(path)
     items = outputs.items() if isinstance(outputs, Mapping) else outputs
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for img_id, output in items:
-            f.write(json.dumps({"img_id": img_id, "output": output, **extra}, ensure_ascii=False))
+            row = {"img_id": img_id, "output": output, **extra}
+            if model_texts is not None and img_id in model_texts:
+                row.update(model_texts[img_id].as_fields())
+            f.write(json.dumps(row, ensure_ascii=False))
             f.write("\n")
     os.replace(tmp, path)

@@ -20,7 +20,12 @@ from gmner_rt.data import Tweet, find_image, load_split
 from gmner_rt.errors import DataError, InputError
 from gmner_rt.extractor import Extraction
 from gmner_rt.metrics import PROTOCOLS, EvalReport, evaluate
-from gmner_rt.predictions import read_predictions, write_predictions
+from gmner_rt.predictions import (
+    ModelText,
+    read_model_texts,
+    read_predictions,
+    write_predictions,
+)
 from gmner_rt.records import NO_ENTITY, RECORD_SEPARATOR, EntityRecord, format_record
 
 from .extract import (
@@ -43,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=PROTOCOLS,
         default="hindex",
-        help="hindex (default, design.md) or e2e (the E2E-GMNER reference)",
+        help="hindex (default, design.md) or e2e (the E2E-GMNER reference's evaluator, on the "
+        "raw model-space text)",
     )
     parser.add_argument("--json", type=Path, help="also write the scores as JSON here")
     gen = parser.add_argument_group("generate, then score (--model or --bundle)")
@@ -82,7 +88,16 @@ def score_file(data: Path, split: str, pred: Path, protocol: str = "hindex") -> 
             f"{pred}: {len(unknown)} image id(s) not in the {split} split of {data}, "
             f"e.g. {', '.join(unknown[:3])}"
         )
-    return evaluate(gold, outputs, protocol=protocol)
+    texts = read_model_texts(pred)
+    lacking = sorted(set(outputs) - set(texts))
+    if protocol == "e2e" and lacking:
+        raise InputError(
+            f"{pred}: --protocol e2e scores the text as the model generated it (fields raw, "
+            f"image_size, model_size), and {len(lacking)} row(s) lack it, e.g. "
+            f"{', '.join(lacking[:3])}; files written by gmner eval --bundle/--model and by "
+            "training carry it; use --protocol hindex for this file"
+        )
+    return evaluate(gold, outputs, protocol=protocol, model_texts=texts)
 
 
 def format_report(report: EvalReport) -> str:
@@ -169,6 +184,7 @@ def evaluate_bundle(
     pairs = tweet_images(tweets, images, skip_missing=skip_missing_images)
     extractor = load_extractor(bundle, **(load or {}))
     outputs: dict[str, str] = {}
+    texts: dict[str, ModelText] = {}
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         results = extractor.extract_batch(
@@ -176,10 +192,13 @@ def evaluate_bundle(
         )
         for (tweet, _), extraction in zip(chunk, results, strict=True):
             outputs[tweet.img_id] = prediction_output(extraction)
+            texts[tweet.img_id] = ModelText(
+                extraction.raw, extraction.image_size, extraction.model_size
+            )
         log.info("%d/%d tweets", len(outputs), len(pairs))
-    write_predictions(pred_path, outputs)
+    write_predictions(pred_path, outputs, model_texts=texts)
     gold = {tweet.img_id: tweet.records() for tweet, _ in pairs}
-    return evaluate(gold, outputs, protocol=protocol)
+    return evaluate(gold, outputs, protocol=protocol, model_texts=texts)
 
 
 def _check_mode(args: argparse.Namespace) -> str:

@@ -223,7 +223,9 @@ class EvalConfig:
     Attributes:
         enabled: run dev evaluation after each epoch.
         max_new_tokens: generation budget per tweet. batch_size: generation batch.
-        protocol: metrics protocol (hindex or e2e).
+        protocol: the metrics protocol that selects the best dev checkpoint: ``hindex``
+            (default; design.md's protocol) or ``e2e`` (the reference's evaluator, on the
+            raw model-space text). Both are computed and logged every epoch.
     """
 
     enabled: bool = True

@@ -1,21 +1,24 @@
 """Evaluation of a model in training or of a checkpoint: greedy generation, dev loss, metrics.
 
-Outputs are mapped back to original pixels before scoring with :mod:`gmner_rt.metrics`, and
-written in the ``gmner eval --pred`` format. This module knows nothing about optimisation.
+Each output is kept as generated (model pixels, what the ``e2e`` protocol scores) and mapped
+back to original pixels (what ``hindex`` scores), scored under both protocols with
+:mod:`gmner_rt.metrics`, and written in the ``gmner eval --pred`` format. This module knows
+nothing about optimisation.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gmner_rt.answers import answer_to_original
 from gmner_rt.geometry import ImageGeometry
-from gmner_rt.metrics import EvalReport, evaluate
-from gmner_rt.predictions import write_predictions
+from gmner_rt.metrics import PROTOCOLS, EvalReport, evaluate
+from gmner_rt.predictions import ModelText, write_predictions
 
 from .dataset import ExampleSettings, collate, encode_example, prompt_example, row_records
 
@@ -28,6 +31,15 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+@dataclass(frozen=True)
+class Generated:
+    """Greedy outputs per image id: ``outputs`` with boxes in original pixels, ``texts`` as
+    generated (model pixels) with their sizes."""
+
+    outputs: dict[str, str]
+    texts: dict[str, ModelText]
+
+
 @torch.no_grad()
 def generate_outputs(
     model,
@@ -37,12 +49,13 @@ def generate_outputs(
     *,
     max_new_tokens: int,
     batch_size: int,
-) -> dict[str, str]:
-    """Greedy outputs per image id, boxes mapped to original pixels."""
+) -> Generated:
+    """Greedy outputs per image id, as generated and mapped to original pixels."""
     model.eval()
     tok = processor.tokenizer
     device = next(model.parameters()).device
     outputs: dict[str, str] = {}
+    texts: dict[str, ModelText] = {}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         examples = [
@@ -62,14 +75,15 @@ def generate_outputs(
             pad_token_id=tok.pad_token_id,
         )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
-        texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
-        for row, text in zip(chunk, texts, strict=True):
+        decoded = tok.batch_decode(new_tokens, skip_special_tokens=True)
+        for row, text in zip(chunk, decoded, strict=True):
             w, h = row["image_size"]
             geo = ImageGeometry.for_image(
                 w, h, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels
             )
             outputs[row["id"]] = answer_to_original(text, geo)
-    return outputs
+            texts[row["id"]] = ModelText(text, (w, h), geo.model_size)
+    return Generated(outputs, texts)
 
 
 @torch.no_grad()
@@ -100,17 +114,29 @@ def score_rows(
     *,
     max_new_tokens: int,
     batch_size: int,
-    protocol: str,
     pred_path: Path | None = None,
-) -> EvalReport:
-    """Generate for ``rows``, write the predictions (optional) and score them."""
-    outputs = generate_outputs(
+) -> dict[str, EvalReport]:
+    """Generate for ``rows``, write the predictions (optional) and score them under every
+    protocol (:data:`gmner_rt.metrics.PROTOCOLS`); the reports by protocol."""
+    generated = generate_outputs(
         model, processor, rows, settings, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
+    return score_generated(rows, generated, pred_path)
+
+
+def score_generated(
+    rows: Sequence[dict], generated: Generated, pred_path: Path | None = None
+) -> dict[str, EvalReport]:
+    """Score outputs of ``rows`` under every protocol; write them first when asked."""
     if pred_path is not None:
-        write_predictions(pred_path, outputs)
+        write_predictions(pred_path, generated.outputs, model_texts=generated.texts)
     gold = {row["id"]: row_records(row) for row in rows}
-    return evaluate(gold, outputs, protocol=protocol)
+    return {
+        protocol: evaluate(
+            gold, generated.outputs, protocol=protocol, model_texts=generated.texts
+        )
+        for protocol in PROTOCOLS
+    }
 
 
 def evaluate_checkpoint(
@@ -155,6 +181,5 @@ def evaluate_checkpoint(
         settings,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
-        protocol=protocol,
         pred_path=pred_path,
-    )
+    )[protocol]

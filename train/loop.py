@@ -325,6 +325,7 @@ def _eval_settings(cfg: TrainConfig) -> ExampleSettings:
 
 
 def _score_split(model, processor, rows, cfg: TrainConfig, pred_path: Path):
+    """Reports by protocol (both are computed; ``eval.protocol`` selects)."""
     return score_rows(
         model,
         processor,
@@ -332,23 +333,49 @@ def _score_split(model, processor, rows, cfg: TrainConfig, pred_path: Path):
         _eval_settings(cfg),
         max_new_tokens=cfg.eval.max_new_tokens,
         batch_size=cfg.eval.batch_size,
-        protocol=cfg.eval.protocol,
         pred_path=pred_path,
     )
 
 
+def _scores_row(split: str, reports: dict, selected: str) -> dict:
+    """Metrics-log fields of one evaluation: the selecting protocol's F1s under plain names
+    (``dev_gmner_f1``), every protocol's under its own (``dev_e2e_gmner_f1``)."""
+    chosen = reports[selected]
+    row = {
+        f"{split}_protocol": selected,
+        f"{split}_gmner_f1": chosen.gmner.f1,
+        f"{split}_mner_f1": chosen.mner.f1,
+        f"{split}_eeg_f1": chosen.eeg.f1,
+        f"{split}_malformed": chosen.malformed,
+    }
+    for protocol, report in reports.items():
+        for task in ("gmner", "mner", "eeg"):
+            row[f"{split}_{protocol}_{task}_f1"] = getattr(report, task).f1
+    return row
+
+
+def _scores_json(reports: dict, selected: str) -> str:
+    """The selecting protocol's report, with every protocol's under ``protocols``."""
+    data = reports[selected].as_dict()
+    data["protocols"] = {p: r.as_dict() for p, r in reports.items()}
+    return json.dumps(data, indent=1)
+
+
 def _evaluate_epoch(model, processor, rows, cfg, run, pos, writer) -> None:
     dev_loss = mean_loss(model, processor, rows, _eval_settings(cfg), cfg.optim.batch_size)
-    report = _score_split(model, processor, rows, cfg, run / f"dev_pred_step{pos.step}.jsonl")
+    reports = _score_split(model, processor, rows, cfg, run / f"dev_pred_step{pos.step}.jsonl")
+    report = reports[cfg.eval.protocol]
     f1 = report.gmner.f1
     log.info(
-        "epoch %d step %d: dev loss %.4f, GMNER F1 %.4f, MNER F1 %.4f, EEG F1 %.4f",
+        "epoch %d step %d: dev loss %.4f; %s",
         pos.epoch,
         pos.step,
         dev_loss,
-        f1,
-        report.mner.f1,
-        report.eeg.f1,
+        "; ".join(
+            f"{p}{' (selects)' if p == cfg.eval.protocol else ''} GMNER F1 {r.gmner.f1:.4f}, "
+            f"MNER F1 {r.mner.f1:.4f}, EEG F1 {r.eeg.f1:.4f}"
+            for p, r in reports.items()
+        ),
     )
     _log_metrics(
         run,
@@ -356,10 +383,7 @@ def _evaluate_epoch(model, processor, rows, cfg, run, pos, writer) -> None:
             "step": pos.step,
             "epoch": pos.epoch,
             "dev_loss": dev_loss,
-            "dev_gmner_f1": f1,
-            "dev_mner_f1": report.mner.f1,
-            "dev_eeg_f1": report.eeg.f1,
-            "dev_malformed": report.malformed,
+            **_scores_row("dev", reports, cfg.eval.protocol),
         },
         writer,
     )
@@ -370,7 +394,7 @@ def _evaluate_epoch(model, processor, rows, cfg, run, pos, writer) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         save_file(trainable_state(model), tmp / "trainable.safetensors")
-        (tmp / "dev_scores.json").write_text(json.dumps(report.as_dict(), indent=1))
+        (tmp / "dev_scores.json").write_text(_scores_json(reports, cfg.eval.protocol))
         shutil.rmtree(run / "best", ignore_errors=True)
         os.replace(tmp, run / "best")
 
@@ -498,25 +522,17 @@ def _final_test(model, processor, rows, cfg, run, pos, writer) -> None:
         with torch.no_grad():
             for name, value in load_file(best).items():
                 params[name].copy_(value)
-    report = _score_split(model, processor, test, cfg, run / "test_pred.jsonl")
-    (run / "test_scores.json").write_text(json.dumps(report.as_dict(), indent=1))
+    reports = _score_split(model, processor, test, cfg, run / "test_pred.jsonl")
+    (run / "test_scores.json").write_text(_scores_json(reports, cfg.eval.protocol))
     log.info(
-        "test (best dev step %d): GMNER F1 %.4f, MNER F1 %.4f, EEG F1 %.4f",
+        "test (best dev step %d): %s",
         pos.best_step,
-        report.gmner.f1,
-        report.mner.f1,
-        report.eeg.f1,
+        "; ".join(
+            f"{p} GMNER F1 {r.gmner.f1:.4f}, MNER F1 {r.mner.f1:.4f}, EEG F1 {r.eeg.f1:.4f}"
+            for p, r in reports.items()
+        ),
     )
-    _log_metrics(
-        run,
-        {
-            "step": pos.step,
-            "test_gmner_f1": report.gmner.f1,
-            "test_mner_f1": report.mner.f1,
-            "test_eeg_f1": report.eeg.f1,
-        },
-        writer,
-    )
+    _log_metrics(run, {"step": pos.step, **_scores_row("test", reports, cfg.eval.protocol)}, writer)
 
 
 def _tensorboard(run: Path):

@@ -8,6 +8,7 @@ from gmner_rt.answers import answer_to_original
 from gmner_rt.data import load_split
 from gmner_rt.geometry import ImageGeometry
 from gmner_rt.metrics import Counts, evaluate, max_matching, region_correct
+from gmner_rt.predictions import ModelText
 from gmner_rt.records import EntityRecord, format_answer
 
 A = (0, 0, 100, 100)
@@ -22,9 +23,13 @@ def answer(*records):
     return format_answer(records)
 
 
+SAME = (1000, 1000)  # model space = original pixels: e2e's scaling is the identity
+
+
 def score(gold, output, protocol="hindex"):
     """(gmner, mner, eeg) as (correct, predicted, gold) triples for one tweet."""
-    r = evaluate({"t": gold}, {"t": output}, protocol=protocol)
+    texts = {"t": ModelText(output, SAME, SAME)}
+    r = evaluate({"t": gold}, {"t": output}, protocol=protocol, model_texts=texts)
     return tuple((c.correct, c.predicted, c.gold) for c in (r.gmner, r.mner, r.eeg))
 
 
@@ -140,12 +145,19 @@ def test_counts_give_micro_precision_recall_f1():
 
 @pytest.mark.parametrize("protocol", ["hindex", "e2e"])
 def test_gold_as_prediction_scores_one_on_the_real_dev_split(shared_data, protocol):
+    """A perfect model: its text in model pixels (e2e) or mapped back (hindex)."""
     tweets = load_split(shared_data, "dev")
     gold = {t.img_id: t.records() for t in tweets}
-    outputs = {t.img_id: format_answer(t.records(), think="reasoning") for t in tweets}
-    report = evaluate(gold, outputs, protocol=protocol)
+    outputs, texts = {}, {}
+    for t in tweets:
+        size = t.image_size or SAME
+        geo = ImageGeometry.for_image(*size, min_pixels=256 * 784, max_pixels=1024 * 784)
+        raw = format_answer([r.map_boxes(geo.to_model) for r in t.records()], think="why")
+        texts[t.img_id] = ModelText(raw, size, geo.model_size)
+        outputs[t.img_id] = answer_to_original(raw, geo)
+    report = evaluate(gold, outputs, protocol=protocol, model_texts=texts)
     assert (report.gmner.f1, report.mner.f1, report.eeg.f1) == (1.0, 1.0, 1.0)
-    assert report.gmner.gold == 2450 and report.malformed == 0
+    assert report.gmner.gold == 2450 and report.malformed == 0 and report.dropped == 0
 
 
 def test_gold_through_model_space_and_back_still_scores_one(shared_data):

@@ -387,15 +387,35 @@ def test_eval_unparseable_segment_counts_as_malformed_and_wrong(v2_subset, dev_t
     assert report["gmner"]["correct"] == 58 - len(tweet.entities)
 
 
-def test_eval_e2e_protocol_on_gold_scores_1(v2_subset, tmp_path):
-    pred = _write_pred(tmp_path / "pred.jsonl", _gold_outputs(v2_subset, "dev"))
-    scores = tmp_path / "scores.json"
-    assert _eval(v2_subset, pred, "--protocol", "e2e", "--json", str(scores)) == 0
-    report = json.loads(scores.read_text(encoding="utf-8"))
-    assert report["protocol"] == "e2e"
-    for task in ("gmner", "mner", "eeg"):
-        assert report[task]["f1"] == 1.0
-        assert report[task]["gold"] == 58
+def test_eval_e2e_protocol_on_gold_scores_1(v2_subset, tmp_path, caplog):
+    """e2e scores the raw model-space text: a file without it is refused with a hint; a
+    perfect model's text (gold in model pixels, written as gmner writes predictions) scores
+    1 under both protocols."""
+    from gmner_rt.geometry import ImageGeometry
+    from gmner_rt.predictions import ModelText, write_predictions
+
+    plain = _write_pred(tmp_path / "plain.jsonl", _gold_outputs(v2_subset, "dev"))
+    assert _eval(v2_subset, plain, "--protocol", "e2e") == 2
+    assert "--protocol e2e scores the text as the model generated it" in caplog.text
+    assert "--protocol hindex" in caplog.text
+    outputs, texts = {}, {}
+    for t in load_split(v2_subset, "dev"):
+        size = t.image_size or (640, 480)
+        geo = ImageGeometry.for_image(*size, min_pixels=56 * 56, max_pixels=448 * 448)
+        raw = format_answer([r.map_boxes(geo.to_model) for r in t.records()])
+        outputs[t.img_id], texts[t.img_id] = format_answer(t.records()), ModelText(
+            raw, size, geo.model_size
+        )
+    pred = tmp_path / "pred.jsonl"
+    write_predictions(pred, outputs, model_texts=texts)
+    for protocol in ("e2e", "hindex"):
+        scores = tmp_path / f"{protocol}.json"
+        assert _eval(v2_subset, pred, "--protocol", protocol, "--json", str(scores)) == 0
+        report = json.loads(scores.read_text(encoding="utf-8"))
+        assert report["protocol"] == protocol and report["dropped"] == 0
+        for task in ("gmner", "mner", "eeg"):
+            assert report[task]["f1"] == 1.0
+            assert report[task]["gold"] == 58
 
 
 def test_eval_unknown_image_id_is_an_error_naming_id_and_file(v2_subset, tmp_path, caplog):

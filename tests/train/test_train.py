@@ -180,6 +180,19 @@ def test_training_evaluates_dev_keeps_best_and_scores_test(tiny, images, tmp_pat
     report = score_file(FIXTURE, "dev", run / "test_pred.jsonl")
     assert scores["gmner"]["predicted"] == report.gmner.predicted
     assert report.missing == 30 - 4  # only the first 4 dev tweets were evaluated
+    # both protocols every epoch, the configured one (hindex) selecting; the predictions
+    # carry the raw model-space text that e2e scores, and score the same from the file
+    dev_rows = [r for r in rows if "dev_gmner_f1" in r]
+    assert all(r["dev_protocol"] == "hindex" for r in dev_rows)
+    assert all(r["dev_gmner_f1"] == r["dev_hindex_gmner_f1"] for r in dev_rows)
+    assert all("dev_e2e_gmner_f1" in r and "dev_e2e_eeg_f1" in r for r in dev_rows)
+    assert scores["protocols"]["hindex"] == {k: v for k, v in scores.items() if k != "protocols"}
+    e2e = score_file(FIXTURE, "dev", run / "test_pred.jsonl", "e2e").as_dict()
+    in_training = scores["protocols"]["e2e"]
+    for task in ("gmner", "mner", "eeg"):  # the file's gold also counts the 26 unscored tweets
+        for key in ("correct", "predicted"):
+            assert in_training[task][key] == e2e[task][key], (task, key)
+    assert (in_training["malformed"], in_training["protocol"]) == (e2e["malformed"], "e2e")
 
 
 def test_gmner_eval_scores_a_checkpoint(tiny, images, tmp_path):
