@@ -29,6 +29,7 @@ from gmner_rt.data import LABELS
 from gmner_rt.prompt import PROMPT_STYLES, prompt_style
 from gmner_rt.records import RECORD_FORMAT_VERSION
 
+from .card import write_card
 from .merge import load_merged
 from .onnx_export import ExportSettings, cast_for_export, export_graphs
 from .quantize import QuantSettings
@@ -205,13 +206,49 @@ def _token_ids(tokenizer, config, generation_config) -> dict:
     }
 
 
+def _adapter_name(adapter: Path | None) -> str | None:
+    """An adapter's folder name, with its run's (``e1/best``, ``checkpoints/step-000300``)."""
+    if adapter is None:
+        return None
+    adapter = Path(adapter).resolve()
+    return f"{adapter.parent.name}/{adapter.name}" if adapter.parent.name else adapter.name
+
+
+def _provenance(options: BundleOptions, prompt: tuple[str, str]) -> dict:
+    """What the bundle was made from, by hash and name, and how its adapter was trained."""
+    from .merge import source_fingerprint
+
+    adapter = Path(options.adapter) if options.adapter is not None else None
+    sources = source_fingerprint(Path(options.model), adapter, options.settings.dtype)
+    provenance: dict = {"prompt_style": prompt[0], "sources": sources}
+    config = checkpoint_config(adapter)
+    if config is not None:
+        cfg = load_config(config)
+        provenance["training"] = {
+            "recipe": f"lr {cfg.optim.lr}, {cfg.optim.epochs} epochs, batch "
+            f"{cfg.optim.batch_size} x {cfg.optim.grad_accum}, seed {cfg.optim.seed}",
+            "lora": f"r {cfg.lora.r}, alpha {cfg.lora.alpha}" if cfg.lora.enabled else "off",
+            "grbp": (
+                f"{cfg.grbp.distribution} beta {cfg.grbp.beta} gamma {cfg.grbp.gamma} "
+                f"tau {cfg.grbp.tau}"
+                if cfg.grbp.enabled
+                else "off"
+            ),
+            "reasoning targets": cfg.data.use_cot,
+            "pixels": f"{cfg.model.min_pixels}..{cfg.model.max_pixels}",
+        }
+    return provenance
+
+
 def _model_info(config, options: BundleOptions) -> dict:
     text, vision = config.text_config, config.vision_config
     rope = text.rope_parameters
     return {
         "name": options.name or options.model.name,
-        "source_model": str(options.model),
-        "adapter": str(options.adapter) if options.adapter is not None else None,
+        # names, not paths: a bundle records nothing of the exporting machine's folders
+        # (its inputs are identified by hash under "provenance")
+        "source_model": options.model.name,
+        "adapter": _adapter_name(options.adapter),
         "dtype": options.settings.dtype,
         "text": {
             "hidden_size": text.hidden_size,
@@ -256,6 +293,7 @@ def manifest_data(
     ``facts`` carries the model's ``config`` and its special token ids; ``prompt`` the
     (style, system prompt) to write (default: :func:`resolve_prompt` of ``options``).
     """
+    prompt = prompt or resolve_prompt(options)
     config = facts.config
     text = config.text_config
     files = {
@@ -282,7 +320,8 @@ def manifest_data(
         "graphs": graphs,
         "tokens": facts.tokens,
         "image_processor": _image_processor(processor, config, options.max_image_tokens),
-        "prompt": _prompt(processor, *(prompt or resolve_prompt(options))),
+        "prompt": _prompt(processor, *prompt),
+        "provenance": _provenance(options, prompt),
         "labels": list(LABELS),
         "record_format_version": RECORD_FORMAT_VERSION,
         "generation": {
@@ -334,6 +373,7 @@ def export_bundle(options: BundleOptions) -> Path:
         raise
     if options.quant is None:
         move_into_place(tmp, options.out)
+        write_card(options.out)
         log_readiness(options.out)
     else:  # the fp bundle, verified, is the source of the quantized one
         from .quantized_bundle import quantize_bundle

@@ -159,7 +159,7 @@ def _has_processor(path: Path) -> bool:
     return True
 
 
-def _fingerprint(model_dir: Path, adapter_dir: Path | None, dtype: str) -> dict:
+def source_fingerprint(model_dir: Path, adapter_dir: Path | None, dtype: str) -> dict:
     """What a merged directory was made from: config and adapter file hashes, dtype."""
 
     def digest(path: Path) -> str:
@@ -188,7 +188,7 @@ def merge(
     base = check_model_dir(model_dir)
     adapter = Path(adapter_dir) if adapter_dir is not None else None
     out = Path(out_dir)
-    fingerprint = _fingerprint(base, adapter, dtype)
+    fingerprint = source_fingerprint(base, adapter, dtype)
     info_file = out / MERGE_INFO
     if info_file.is_file():
         previous = json.loads(info_file.read_text(encoding="utf-8"))

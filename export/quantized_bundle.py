@@ -22,6 +22,7 @@ from gmner_rt.bundle import file_entry, load_bundle, manifest_to_dict, write_man
 from gmner_rt.errors import InputError
 
 from .quantize import QuantSettings, quantize_decoder
+from .card import write_card
 from .staging import move_into_place, staging_dir
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def quantize_bundle(src: Path, out: Path, settings: QuantSettings, *, verify: bo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     move_into_place(tmp, Path(out))
+    write_card(out)
     log.info(
         "%s bundle written to %s in %.1f s", settings.scheme, out, time.perf_counter() - started
     )

@@ -56,6 +56,7 @@ def test_fp32_bundle_passes_parity_with_identical_greedy_tokens(tiny_bundle, ada
 def test_bundle_files_and_manifest(tiny_bundle, tiny):
     names = sorted(p.name for p in tiny_bundle.iterdir())
     assert names == [
+        "README.md",
         "decoder.onnx",
         "embedding.onnx",
         "manifest.json",
@@ -71,6 +72,63 @@ def test_bundle_files_and_manifest(tiny_bundle, tiny):
     assert m.prompt.chat_template.startswith("<|im_start|>system\n{system}<|im_end|>")
     assert m.labels == ("PER", "LOC", "ORG", "OTHER")
     assert m.exporter["torch"] and m.exporter["onnxruntime"]
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_manifest_records_no_path_of_the_exporting_machine(tiny_bundle, tiny, adapter):
+    raw = json.loads((tiny_bundle / "manifest.json").read_text(encoding="utf-8"))
+    for text in _strings(raw):
+        assert not text.startswith(("/", "~")) and ":\\" not in text, text
+        for folder in (str(tiny), str(adapter), str(tiny.parent), "/tmp"):
+            assert folder not in text, (folder, text)
+    assert raw["model"]["source_model"] == tiny.name
+    assert raw["model"]["adapter"] == f"{adapter.parent.name}/{adapter.name}"
+    sources = raw["provenance"]["sources"]
+    assert len(sources["base_config"]) == 64 and "adapter/adapter_model.safetensors" in sources
+    assert raw["provenance"]["prompt_style"] == "full"
+
+
+def test_the_shipped_bundle_records_no_path_and_has_a_card():
+    from gmner_rt.extractor import DEFAULT_BUNDLE
+
+    raw = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text(encoding="utf-8"))
+    assert not [t for t in _strings(raw) if t.startswith(("/", "~"))]
+    card = (DEFAULT_BUNDLE / "README.md").read_text(encoding="utf-8")
+    assert "Prompt style `compact`" in card and "Labels: PER, LOC, ORG, OTHER." in card
+
+
+def test_bundle_carries_a_model_card(tiny_bundle):
+    card = (tiny_bundle / "README.md").read_text(encoding="utf-8")
+    manifest = load_bundle(tiny_bundle).manifest
+    assert card.startswith(f"# {manifest.model.name}: a gmner bundle")
+    for expected in (
+        "Labels: PER, LOC, ORG, OTHER.",
+        "Precision: float32.",
+        "Prompt style `full`",
+        manifest.prompt.system,
+        "## Parity",
+        "passed",
+        "Greedy tokens identical to PyTorch's",
+        "LoRA merge checked",
+        "## Intended use",
+        "## Limits",
+        "Training settings",
+        "lr 0.005",
+    ):
+        assert expected in card, expected
+    assert "/tmp" not in card
+    assert "README.md" not in manifest.files  # documentation, not a file the runtime checks
 
 
 def test_graph_io_are_dynamic(tiny_bundle):
