@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 from gmner.train.config import checkpoint_config, load_config
 
+from gmner_rt import progress
 from gmner_rt.bundle import TOKENIZER_NAME, file_entry, load_bundle, write_manifest
 from gmner_rt.data import LABELS
 from gmner_rt.prompt import PROMPT_STYLES, prompt_style
@@ -343,12 +344,17 @@ def export_bundle(options: BundleOptions) -> Path:
     prompt = resolve_prompt(options)  # an unknown prompt style stops us before any work
     tmp = staging_dir(options.out)
     started = time.perf_counter()
+    stages = progress.Progress(4 if options.verify else 3, "export", "stage")
     try:
+        log.info("export: merging %s", options.adapter or "no adapter (the base model)")
         model, processor, merge_report = load_merged(
             options.model, options.adapter, dtype=options.settings.dtype
         )
+        stages.update(1, done="merge")
+        log.info("export: writing the vision, embedding and decoder graphs")
         kept = cast_for_export(model, options.settings)
         graphs = export_graphs(model, tmp, options.settings)
+        stages.update(1, done="graphs")
         processor.tokenizer.save_pretrained(tmp, filename_prefix=None)
         _keep_only_tokenizer_json(tmp)
         facts = _ModelFacts(
@@ -357,7 +363,11 @@ def export_bundle(options: BundleOptions) -> Path:
         refs = _references(model, processor, facts) if options.verify else None
         del model  # onnxruntime loads the graphs next: both do not fit at 3B scale
         gc.collect()
+        if refs:
+            log.info("export: checking parity against PyTorch")
         parity = _verify(refs, tmp, facts, options.settings.dtype) if refs else {}
+        if refs:
+            stages.update(1, done="parity")
         parity["merge"] = {
             "kind": merge_report.kind,
             "max_abs_logit_diff": merge_report.max_abs_logit_diff,
@@ -368,9 +378,12 @@ def export_bundle(options: BundleOptions) -> Path:
         )
         write_manifest(tmp, data)
         load_bundle(tmp)  # the runtime's reader accepts what we wrote
+        stages.update(1, done="manifest")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        stages.close()
     if options.quant is None:
         move_into_place(tmp, options.out)
         write_card(options.out)

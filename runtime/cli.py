@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gmner_rt import GmnerError, __version__
+from gmner_rt import GmnerError, __version__, progress
 
 log = logging.getLogger("gmner")
 
@@ -109,13 +109,32 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         "extraction.",
     )
     parser.add_argument("--version", action="version", version=f"gmner {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _verbosity(parser, argparse.SUPPRESS)
+    parser.set_defaults(verbose=False, quiet=False)
+    # the same flags on every command, so they work anywhere on the line (SUPPRESS: a
+    # command's default never overwrites what was given before the command's name)
+    common = argparse.ArgumentParser(add_help=False)
+    _verbosity(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         if name == selected:
             _load(name).add_arguments(p)
     return parser
+
+
+def _verbosity(parser: argparse.ArgumentParser, default: object) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="debug logging"
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="warnings and errors only, no progress bars",
+    )
 
 
 def _selected(argv: Sequence[str]) -> str | None:
@@ -137,11 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     selected = _selected(argv)
-    args = build_parser(selected).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    parser = build_parser(selected)
+    args = parser.parse_args(argv)
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet exclude each other")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    progress.configure(enabled=not args.quiet)
     try:
         return int(_load(args.command).run(args) or 0)
     except GmnerError as exc:

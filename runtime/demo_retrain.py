@@ -61,12 +61,16 @@ def retrain(
     data, model, run, bundle = (work / n for n in ("data", "model", "run", "bundle"))
     for path in (data, model, run, bundle):
         shutil.rmtree(path, ignore_errors=True)
+    log.info("demo retrain 1/4: the synthetic task (seed %d) in %s", seed, data)
     write_synth(data, demo_synth(seed, **(sizes or {})))
     build_tiny_model(model, preset="demo", seed=seed)
+    log.info("demo retrain 2/4: training (about 11 minutes on 2 cores) in %s", run)
     started = time.perf_counter()
     last = train_demo(model, data, run, epochs)
     train_seconds = time.perf_counter() - started
+    log.info("demo retrain 3/4: export to %s", bundle)
     export_bundle(BundleOptions(model=model, adapter=last, out=bundle, name="gmner-demo-tiny"))
+    log.info("demo retrain 4/4: scoring the test split")
     report = evaluate_bundle(
         bundle, data, "test", [data / "images"], pred_path=work / "test_pred.jsonl", batch_size=8
     )

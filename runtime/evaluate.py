@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gmner_rt import progress
 from gmner_rt.data import Tweet, find_image, load_split
 from gmner_rt.errors import DataError, InputError
 from gmner_rt.extractor import Extraction
@@ -185,17 +186,18 @@ def evaluate_bundle(
     extractor = load_extractor(bundle, **(load or {}))
     outputs: dict[str, str] = {}
     texts: dict[str, ModelText] = {}
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        results = extractor.extract_batch(
-            [(path, tweet.text) for tweet, path in chunk], **(decoding or {})
-        )
-        for (tweet, _), extraction in zip(chunk, results, strict=True):
-            outputs[tweet.img_id] = prediction_output(extraction)
-            texts[tweet.img_id] = ModelText(
-                extraction.raw, extraction.image_size, extraction.model_size
+    with progress.Progress(len(pairs), f"eval {split}", "tweet") as bar:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            results = extractor.extract_batch(
+                [(path, tweet.text) for tweet, path in chunk], **(decoding or {})
             )
-        log.info("%d/%d tweets", len(outputs), len(pairs))
+            for (tweet, _), extraction in zip(chunk, results, strict=True):
+                outputs[tweet.img_id] = prediction_output(extraction)
+                texts[tweet.img_id] = ModelText(
+                    extraction.raw, extraction.image_size, extraction.model_size
+                )
+            bar.update(len(chunk))
     write_predictions(pred_path, outputs, model_texts=texts)
     gold = {tweet.img_id: tweet.records() for tweet, _ in pairs}
     return evaluate(gold, outputs, protocol=protocol, model_texts=texts)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from gmner_rt.errors import InputError
+
 from .config import RECIPES, add_config_flags, config_from_args
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,10 @@ _SHORT = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = (
+        "%(prog)s --model DIR --data DIR --images DIR --out DIR [--cot FILE] [--recipe NAME] "
+        "[--config YAML] [--resume] [--section.field VALUE ...]  (all flags: --help)"
+    )
     parser.add_argument(
         "--recipe",
         choices=RECIPES,
@@ -56,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
             setattr(args, f"cfg:{dotted}", value)
     if args.no_cot:
         setattr(args, "cfg:data.use_cot", False)
-    cfg = config_from_args(args, args.config, args.recipe)
+    try:
+        cfg = config_from_args(args, args.config, args.recipe)
+    except (ValueError, OSError) as exc:  # a bad value or YAML file: named, no traceback
+        where = f"--config {args.config}: " if args.config else ""
+        raise InputError(f"{where}{exc}") from None
     from .loop import train  # torch is imported only when training runs
 
     pos = train(cfg, resume=args.resume)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from gmner_rt.metrics import PROTOCOLS
 from gmner_rt.prompt import PROMPT_STYLES
 
-from .augment import GRBPConfig
+from .augment import DISTRIBUTIONS, GRBPConfig
 from .sft import PAPER_MAX_PIXELS, PAPER_MIN_PIXELS
 
 __all__ = [
@@ -46,6 +48,24 @@ def _check(ok: bool, flag: str, message: str, value: object) -> None:
         raise ValueError(f"--{flag} {message}, got {value!r}")
 
 
+#: Leaves that take one of a fixed set of values: their flags offer these as choices, and
+#: validation (YAML files included) checks them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.device": ("auto", "cuda", "mps", "cpu"),
+    "model.gradient_checkpointing": ("auto", "on", "off"),
+    "optim.scheduler": ("cosine", "constant"),
+    "data.prompt": PROMPT_STYLES,
+    "eval.protocol": PROTOCOLS,
+    "grbp.distribution": DISTRIBUTIONS,
+}
+
+
+def _check_choice(flag: str, value: object) -> None:
+    allowed = CHOICES[flag]
+    _check(value in allowed, flag, f"must be one of {', '.join(allowed)}", value)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The base model and how it is run.
@@ -54,7 +74,8 @@ class ModelConfig:
         path: local Qwen2.5-VL directory (``--model.path``).
         dtype: auto (bf16 where supported, else fp32), float32, bfloat16 or float16.
         device: auto (cuda, then mps, then cpu), cuda, mps or cpu.
-        min_pixels / max_pixels: image area bounds the model sees (paper: 256..1024 x 28 x 28).
+        min_pixels: smallest image area the model sees (paper: 256 x 28 x 28).
+        max_pixels: largest image area the model sees (paper: 1024 x 28 x 28).
         gradient_checkpointing: auto (on for CUDA), on or off.
     """
 
@@ -66,30 +87,15 @@ class ModelConfig:
     gradient_checkpointing: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(
-            self.dtype in ("auto", "float32", "bfloat16", "float16"),
-            "model.dtype",
-            "must be auto, float32, bfloat16 or float16",
-            self.dtype,
-        )
-        _check(
-            self.device in ("auto", "cuda", "mps", "cpu"),
-            "model.device",
-            "must be auto, cuda, mps or cpu",
-            self.device,
-        )
+        _check_choice("model.dtype", self.dtype)
+        _check_choice("model.device", self.device)
         _check(
             0 < self.min_pixels <= self.max_pixels,
             "model.min_pixels",
             "must be positive and <= model.max_pixels",
             self.min_pixels,
         )
-        _check(
-            self.gradient_checkpointing in ("auto", "on", "off"),
-            "model.gradient_checkpointing",
-            "must be auto, on or off",
-            self.gradient_checkpointing,
-        )
+        _check_choice("model.gradient_checkpointing", self.gradient_checkpointing)
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,9 @@ class LoraSettings:
 
     Attributes:
         enabled: False trains every language-model weight instead (full fine-tuning).
-        r: rank. alpha: scaling numerator. dropout: dropout on the LoRA input.
+        r: LoRA rank.
+        alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the LoRA input.
         target_modules: regex of module names to adapt.
         train_vision: with full fine-tuning, train the vision tower too (the paper freezes
             it; a model trained from scratch, such as the demo's, needs it).
@@ -128,11 +136,17 @@ class OptimConfig:
     """Optimisation (paper: AdamW lr 5e-4, wd 0.1, 3 % warmup, cosine, 10 epochs, 2 x 8).
 
     Attributes:
-        lr: peak learning rate. weight_decay: AdamW decay. warmup_ratio: share of steps.
-        scheduler: cosine or constant (after warmup). epochs: passes over the data.
-        batch_size: examples per micro-batch. grad_accum: micro-batches per optimizer step.
-        max_grad_norm: gradient clipping (0 disables). max_length: token limit of an example.
-        seed: seeds shuffling, dropout, LoRA init and GRBP. max_steps: stop early (0: off).
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of the optimizer steps spent warming up.
+        scheduler: cosine or constant (after warmup).
+        epochs: passes over the training data.
+        batch_size: examples per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        max_grad_norm: gradient clipping (0 disables).
+        max_length: token limit of an example.
+        seed: seeds shuffling, dropout, LoRA init and GRBP.
+        max_steps: stop after this many optimizer steps (0: off).
         vision_lr_scale: the vision tower's learning rate as a multiple of ``lr`` when it is
             trained (``lora.train_vision``); a model trained from scratch needs it well below
             1, or the tower's output grows into a large constant that carries no image.
@@ -163,12 +177,7 @@ class OptimConfig:
         _check(
             0 <= self.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)", self.warmup_ratio
         )
-        _check(
-            self.scheduler in ("cosine", "constant"),
-            "optim.scheduler",
-            "must be cosine or constant",
-            self.scheduler,
-        )
+        _check_choice("optim.scheduler", self.scheduler)
         for name in ("epochs", "batch_size", "grad_accum", "max_length"):
             _check(getattr(self, name) > 0, f"optim.{name}", "must be > 0", getattr(self, name))
         _check(self.max_steps >= 0, "optim.max_steps", "must be >= 0", self.max_steps)
@@ -179,10 +188,13 @@ class DataConfig:
     """Where examples come from.
 
     Attributes:
-        dir: Twitter-GMNER folder (txt/, xml/). images: image folders, comma-separated.
-        cot: reasoning JSONL; empty trains without reasoning unless ``cot`` is off anyway.
+        dir: Twitter-GMNER folder (txt/, xml/).
+        images: image folders, comma-separated.
+        cot: reasoning JSONL (``gmner cot``); empty: tweets get an empty think block.
         use_cot: False trains answer-only targets (``--no-cot``).
-        train_split / dev_split / test_split: split names ('' skips dev or test).
+        train_split: the training split's name.
+        dev_split: the dev split's name ('' skips dev evaluation).
+        test_split: the test split's name ('' skips the final test).
         limit: use only the first N tweets of each split (0: all), for smoke runs.
         skip_missing_images: leave out tweets whose image is missing.
         prompt: prompt style (system prompt and instruction), one of
@@ -208,12 +220,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.limit >= 0, "data.limit", "must be >= 0", self.limit)
-        _check(
-            self.prompt in PROMPT_STYLES,
-            "data.prompt",
-            f"must be one of {PROMPT_STYLES}",
-            self.prompt,
-        )
+        _check_choice("data.prompt", self.prompt)
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,8 @@ class EvalConfig:
 
     Attributes:
         enabled: run dev evaluation after each epoch.
-        max_new_tokens: generation budget per tweet. batch_size: generation batch.
+        max_new_tokens: generation budget per tweet.
+        batch_size: tweets per generation batch.
         protocol: the metrics protocol that selects the best dev checkpoint: ``hindex``
             (default; design.md's protocol) or ``e2e`` (the reference's evaluator, on the
             raw model-space text). Both are computed and logged every epoch.
@@ -235,12 +243,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0", self.max_new_tokens)
-        _check(
-            self.protocol in ("hindex", "e2e"),
-            "eval.protocol",
-            "must be hindex or e2e",
-            self.protocol,
-        )
+        _check_choice("eval.protocol", self.protocol)
 
 
 @dataclass(frozen=True)
@@ -305,9 +308,17 @@ def _build(cls: type, values: dict, prefix: str = ""):
                 raise ValueError(f"configuration key {prefix}{name} must be a mapping")
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
         elif hint is bool:
-            kwargs[name] = _parse_bool(value) if isinstance(value, str) else bool(value)
+            try:
+                kwargs[name] = _parse_bool(value) if isinstance(value, str) else bool(value)
+            except argparse.ArgumentTypeError as exc:
+                raise ValueError(f"{prefix}{name}: {exc}") from None
         else:
-            kwargs[name] = hint(value)
+            try:
+                kwargs[name] = hint(value)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{prefix}{name}: expected {hint.__name__}, got {value!r}"
+                ) from None
     return cls(**kwargs)
 
 
@@ -385,21 +396,57 @@ def _leaves(cls: type, prefix: str = ""):
         if dataclasses.is_dataclass(hint):
             yield from _leaves(hint, f"{prefix}{f.name}.")
         else:
-            yield f"{prefix}{f.name}", hint, f
+            yield f"{prefix}{f.name}", hint, f, cls
+
+
+_ROLE = re.compile(r":\w+:`~?([^`]*)`")
+_ATTRIBUTE = re.compile(r"^ {8}(\w+(?: / \w+)*): (.*)$")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's text from the ``Attributes:`` section of ``cls``'s docstring (one
+    ``name: text`` entry per field, continued by deeper-indented lines)."""
+    docs: dict[str, str] = {}
+    current: list[str] | None = None
+    inside = False
+    for line in (cls.__doc__ or "").splitlines():
+        if line.strip() == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        match = _ATTRIBUTE.match(line)
+        if match:
+            current = [match.group(2).strip()]
+            for name in match.group(1).split(" / "):
+                docs[name] = current  # type: ignore[assignment]
+        elif current is not None and line.startswith(" " * 12):
+            current.append(line.strip())
+        elif line.strip():
+            current = None
+    return {name: " ".join(parts) for name, parts in docs.items()}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--section.field`` flag per leaf of :class:`TrainConfig` (default: unset)."""
-    group = parser.add_argument_group("configuration (any leaf of the config tree)")
-    for dotted, hint, f in _leaves(TrainConfig):
+    """One ``--section.field`` flag per leaf of :class:`TrainConfig` (default: unset), its
+    help the field's docstring, its choices those of :data:`CHOICES`."""
+    group = parser.add_argument_group(
+        "configuration (every leaf of the config tree; also settable in --config YAML)"
+    )
+    docs: dict[type, dict[str, str]] = {}
+    for dotted, hint, f, owner in _leaves(TrainConfig):
         kind = _parse_bool if hint is bool else hint
+        text = docs.setdefault(owner, field_docs(owner)).get(f.name, "")
+        text = _ROLE.sub(r"\1", text).replace("%", "%%").replace("``", "")
+        choices = CHOICES.get(dotted)
         group.add_argument(
             f"--{dotted}",
             dest=f"cfg:{dotted}",
             type=kind,
             default=None,
-            metavar=hint.__name__.upper(),
-            help=f"(default: {_default(f)})",
+            choices=choices,
+            metavar="{" + ",".join(choices) + "}" if choices else hint.__name__.upper(),
+            help=f"{text} (default: {_default(f)!s})".lstrip(),
         )
 
 

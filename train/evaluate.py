@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from gmner_rt import progress
 from gmner_rt.answers import answer_to_original
 from gmner_rt.geometry import ImageGeometry
 from gmner_rt.metrics import PROTOCOLS, EvalReport, evaluate
@@ -56,6 +57,7 @@ def generate_outputs(
     device = next(model.parameters()).device
     outputs: dict[str, str] = {}
     texts: dict[str, ModelText] = {}
+    bar = progress.Progress(len(rows), "generate", "tweet")
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         examples = [
@@ -83,6 +85,8 @@ def generate_outputs(
             )
             outputs[row["id"]] = answer_to_original(text, geo)
             texts[row["id"]] = ModelText(text, (w, h), geo.model_size)
+        bar.update(len(chunk))
+    bar.close()
     return Generated(outputs, texts)
 
 

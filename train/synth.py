@@ -33,6 +33,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 from PIL import Image, ImageDraw
 
+from gmner_rt import progress
 from gmner_rt.errors import InputError
 from gmner_rt.geometry import Box
 from gmner_rt.records import BAR, escape_mention
@@ -639,7 +640,7 @@ def write_synth(out_dir: str | Path, cfg: SynthConfig) -> dict[str, dict[str, in
                 0,
             )
             text = []
-            for i in range(n):
+            for i in progress.track(range(n), desc=f"synthetic {split}", unit="tweet"):
                 rng = np.random.default_rng([cfg.seed, split_index, i])
                 tweet = plan_tweet(rng, cfg, str(_ID_BASE * (split_index + 1) + i))
                 boxes = _write_tweet(out_dir, tweet, cfg, rng)
