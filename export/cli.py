@@ -114,7 +114,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "style's; the reference code's --system_prompt)",
     )
     _quant_flags(parser, required=False)
-    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    parser.usage = (
+        "%(prog)s --model DIR [--adapter DIR] --out DIR [options]   (export a bundle)\n"
+        "       %(prog)s {merge,quantize,trt-check,engine} ...        (other actions; "
+        "%(prog)s ACTION --help)"
+    )
+    sub = parser.add_subparsers(
+        dest="action",
+        metavar="ACTION",
+        title="other actions (optional: without one, gmner export writes a bundle)",
+    )
     merge = sub.add_parser(
         "merge",
         help="write base + adapter merged as a model directory",

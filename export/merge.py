@@ -22,6 +22,7 @@ from gmner.train.modeling import (
     ModelDirError,
     check_model_dir,
     check_processor_dir,
+    library_deprecations_filtered,
     load_model_and_processor,
     load_processor,
 )
@@ -104,7 +105,8 @@ def _merge_lora(model, processor, adapter_dir: Path) -> tuple[torch.nn.Module, M
     from peft import PeftModel
 
     probe = _probe_inputs(processor)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    with library_deprecations_filtered():
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     peft_model.eval()
     before = _logits(peft_model, probe)
     merged = peft_model.merge_and_unload()

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from gmner.train.modeling import library_deprecations_filtered
+
 from gmner_rt.errors import GmnerError
 from gmner_rt.generate import PromptBatch, VisionSpec, generate, step
 from gmner_rt.generate import prefill as rt_prefill
@@ -204,28 +206,29 @@ def _reference(model, name: str, enc, eos_ids, pad_id) -> Reference:
         enc["pixel_values"].to(model.model.visual.dtype), enc["image_grid_thw"]
     ).pooler_output
     mask = enc["attention_mask"].numpy().astype(np.int64)
-    prefill = model(**enc, use_cache=True)
-    token = prefill.logits[:, -1].argmax(-1)
-    prefill_kv = _kv(prefill.past_key_values, mask)  # before the step extends the cache
-    full_mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
-    # HF's decode positions: (real tokens so far - 1) + the rope delta of the prompt
-    text_pos = torch.from_numpy(full_mask.sum(-1) - 1)
-    positions = (text_pos + model.model.rope_deltas[:, 0]).reshape(1, -1, 1).expand(3, -1, 1)
-    stepped = model(
-        input_ids=token[:, None],
-        attention_mask=torch.from_numpy(full_mask),
-        position_ids=positions,
-        past_key_values=prefill.past_key_values,
-        use_cache=True,
-    )
-    generated = model.generate(
-        **enc,
-        max_new_tokens=GREEDY_STEPS,
-        min_new_tokens=GREEDY_STEPS,
-        do_sample=False,
-        eos_token_id=list(eos_ids),
-        pad_token_id=pad_id,
-    )
+    with library_deprecations_filtered():
+        prefill = model(**enc, use_cache=True)
+        token = prefill.logits[:, -1].argmax(-1)
+        prefill_kv = _kv(prefill.past_key_values, mask)  # before the step extends the cache
+        full_mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
+        # HF's decode positions: (real tokens so far - 1) + the rope delta of the prompt
+        text_pos = torch.from_numpy(full_mask.sum(-1) - 1)
+        positions = (text_pos + model.model.rope_deltas[:, 0]).reshape(1, -1, 1).expand(3, -1, 1)
+        stepped = model(
+            input_ids=token[:, None],
+            attention_mask=torch.from_numpy(full_mask),
+            position_ids=positions,
+            past_key_values=prefill.past_key_values,
+            use_cache=True,
+        )
+        generated = model.generate(
+            **enc,
+            max_new_tokens=GREEDY_STEPS,
+            min_new_tokens=GREEDY_STEPS,
+            do_sample=False,
+            eos_token_id=list(eos_ids),
+            pad_token_id=pad_id,
+        )
     return Reference(
         name=name,
         enc=enc,

@@ -920,6 +920,29 @@ def _verify_file(path: Path, entry: FileEntry, verify_hash: bool) -> None:
         raise BundleError(f"{path}: sha256 mismatch ({hashes}): the file changed after export")
 
 
+#: Files that mark a folder as a training checkpoint, an adapter or a model (not a bundle).
+_CHECKPOINT_MARKS = ("adapter_config.json", "trainable.safetensors", "position.json")
+_MODEL_MARKS = ("config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def _hint(root: Path) -> str:
+    """What to do when ``root`` is a training output or a model, not a bundle."""
+    if not root.is_dir():
+        return f" ({root} does not exist)" if not root.exists() else f" ({root} is a file)"
+    names = {p.name for p in root.iterdir()}
+    if names & set(_CHECKPOINT_MARKS) or (root / "checkpoints").is_dir():
+        return (
+            f"; {root} is a training checkpoint or run: make a bundle from it with "
+            f"gmner export --model BASE_MODEL_DIR --adapter {root} --out BUNDLE_DIR"
+        )
+    if names & set(_MODEL_MARKS):
+        return (
+            f"; {root} is a model folder: make a bundle from it with "
+            f"gmner export --model {root} --out BUNDLE_DIR"
+        )
+    return ""
+
+
 def load_bundle(path: str | os.PathLike, *, verify_hashes: bool | str = True) -> Bundle:
     """Reads and validates ``path/manifest.json`` and checks every listed file (except those
     of TensorRT engine sets, :func:`verify_engine_set`): its size always, and its sha256
@@ -934,7 +957,7 @@ def load_bundle(path: str | os.PathLike, *, verify_hashes: bool | str = True) ->
     root = Path(path)
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
-        raise BundleError(f"{root} is not a gmner bundle: {MANIFEST_NAME} missing")
+        raise BundleError(f"{root} is not a gmner bundle: {MANIFEST_NAME} missing{_hint(root)}")
     raw = manifest_path.read_bytes()  # read once: parsed, and the key of the integrity stamp
     manifest = parse_manifest(_read_json(manifest_path, raw), source=str(manifest_path))
     engine_dirs = tuple(e.dir + "/" for e in manifest.engines)

@@ -286,7 +286,11 @@ def _split_file(root: Path, split: str) -> Path:
     for candidate in (root / "txt" / f"{split}.txt", root / f"{split}.txt"):
         if candidate.is_file():
             return candidate
-    raise DataError(f"{root}: no {split!r} split (looked for txt/{split}.txt and {split}.txt)")
+    present = ", ".join(available_splits(root)) or "none"
+    raise DataError(
+        f"{root}: no {split!r} split (looked for txt/{split}.txt and {split}.txt); "
+        f"splits here: {present}"
+    )
 
 
 def load_split(root: str | Path, split: str) -> list[Tweet]:

@@ -24,6 +24,7 @@ _EXIF_ORIENTATION = 0x0112
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` of an image file after EXIF orientation, reading only its header."""
+    _not_a_folder(path)
     try:
         with Image.open(path) as im:
             width, height = im.size
@@ -37,6 +38,11 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return width, height
 
 
+def _not_a_folder(path: str | Path) -> None:
+    if Path(path).is_dir():
+        raise InputError(f"{path}: is a folder, not an image file")
+
+
 def open_image(source: str | Path | bytes) -> Image.Image:
     """Decode an image file (a path or its bytes): fully loaded, EXIF-oriented, mode unchanged.
 
@@ -46,6 +52,7 @@ def open_image(source: str | Path | bytes) -> Image.Image:
         name, fp = f"image bytes ({len(source)} bytes)", io.BytesIO(bytes(source))
     else:
         name, fp = str(source), source
+        _not_a_folder(source)
     try:
         with Image.open(fp) as im:
             check_pixel_count(im.width, im.height, name)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gmner_rt import progress
+from gmner_rt.cli_flags import add_path_list
 from gmner_rt.data import Tweet, find_image, load_split
 from gmner_rt.errors import DataError, InputError
 from gmner_rt.extractor import Extraction
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the scores as JSON here")
     gen = parser.add_argument_group("generate, then score (--model or --bundle)")
-    gen.add_argument("--images", type=Path, action="append", help="image folder (repeatable)")
+    add_path_list(gen, "--images", help="image folder(s)")
     gen.add_argument(
         "--out", type=Path, help="where to write the predictions (default: SPLIT_pred.jsonl)"
     )

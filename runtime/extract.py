@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import gmner_rt
+from gmner_rt.images import image_size
 from gmner_rt.errors import BundleError, InputError
 from gmner_rt.extractor import Extraction, Extractor
 from gmner_rt.predictions import iter_json_objects
@@ -242,8 +243,7 @@ def _read_text(args: argparse.Namespace) -> str:
 
 
 def _run_one(args: argparse.Namespace) -> int:
-    if not args.image.is_file():
-        raise InputError(f"{args.image}: image not found")
+    image_size(args.image)  # a missing, folder or unreadable --image: named before the load
     text = _read_text(args)
     if args.draw is not None and not args.draw.parent.is_dir():
         raise InputError(f"--draw {args.draw}: folder {args.draw.parent} does not exist")
@@ -279,8 +279,10 @@ def read_batch(path: Path) -> list[dict]:
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{where}: field text must be a non-empty string, got {text!r}")
         image_path = path.parent / image
-        if not image_path.is_file():
-            raise InputError(f"{where}: image {image_path} not found")
+        try:
+            image_size(image_path)  # header only: a bad row is named before the bundle loads
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
         rows.append({**row, "_path": image_path})
     if not rows:
         raise InputError(f"--batch {path}: no pairs")

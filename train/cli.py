@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from gmner_rt.cli_flags import add_path_list
 from gmner_rt.errors import InputError
 
 from .config import RECIPES, add_config_flags, config_from_args
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with (part of) the configuration tree")
     parser.add_argument("--model", help="local Qwen2.5-VL directory (model.path)")
     parser.add_argument("--data", help="Twitter-GMNER folder (data.dir)")
-    parser.add_argument("--images", help="image folder(s), comma-separated (data.images)")
+    add_path_list(parser, "--images", help="image folder(s) (data.images)")
     parser.add_argument("--cot", help="reasoning JSONL from gmner cot (data.cot)")
     parser.add_argument("--no-cot", action="store_true", help="answer-only targets")
     parser.add_argument("--out", help="run folder (output.dir)")
@@ -56,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.images:  # the config tree holds the folders comma-separated
+        args.images = ",".join(str(p) for p in args.images)
+    else:
+        args.images = None
     for short, dotted in _SHORT.items():
         value = getattr(args, short)
         if value is not None and getattr(args, f"cfg:{dotted}") is None:

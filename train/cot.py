@@ -36,6 +36,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from gmner_rt.cli_flags import add_path_list
 from gmner_rt.data import Tweet, find_image, load_split
 from gmner_rt.errors import GmnerError, InputError
 from gmner_rt.records import format_records
@@ -466,12 +467,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--data", required=True, help="Twitter-GMNER folder (txt/<split>.txt, xml/)")
     a("--split", default="train", help="split to annotate (default: train)")
     a("--out", required=True, type=Path, help="output JSONL, also the resume cache")
-    a(
+    add_path_list(
+        parser,
         "--images",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="IMGDIR",
         help="image folder(s); without one the teacher sees the text only",
     )
     a(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gmner_rt.data import available_splits, load_split, split_stats
 from gmner_rt.errors import DataError, InputError
+from gmner_rt.cli_flags import add_path_list
 from gmner_rt.prompt import PROMPT_STYLES
 
 from .sft import PAPER_MAX_PIXELS, PAPER_MIN_PIXELS, SftConfig, write_sft
@@ -31,12 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sft = sub.add_parser("sft", help="write training JSONL (chat messages + targets)")
     sft.add_argument("dir", type=Path, help="Twitter-GMNER folder (txt/ and xml/)")
-    sft.add_argument(
+    add_path_list(
+        sft,
         "--images",
-        type=Path,
-        action="append",
         required=True,
-        help="image folder (repeat for several, e.g. twitter2015 and twitter2017)",
+        help="image folder(s), e.g. twitter2015 and twitter2017",
     )
     sft.add_argument("--out", type=Path, required=True, help="output folder")
     sft.add_argument("--cot", type=Path, help="reasoning JSONL (gmner cot or E2E-GMNER format)")

@@ -21,6 +21,7 @@ from gmner_rt.geometry import ImageGeometry
 from gmner_rt.metrics import PROTOCOLS, EvalReport, evaluate
 from gmner_rt.predictions import ModelText, write_predictions
 
+from .modeling import library_deprecations_filtered
 from .dataset import ExampleSettings, collate, encode_example, prompt_example, row_records
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,16 @@ def generate_outputs(
             for row in chunk
         ]
         batch = _to_device(collate(examples, tok.pad_token_id, left=True), device)
-        generated = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            stop_strings=STOP_STRINGS,
-            tokenizer=tok,
-            pad_token_id=tok.pad_token_id,
-        )
+        with library_deprecations_filtered():
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                stop_strings=STOP_STRINGS,
+                tokenizer=tok,
+                pad_token_id=tok.pad_token_id,
+            )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         decoded = tok.batch_decode(new_tokens, skip_special_tokens=True)
         for row, text in zip(chunk, decoded, strict=True):
@@ -172,7 +174,8 @@ def evaluate_checkpoint(
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with library_deprecations_filtered():
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
     sft = SftConfig(
         image_dirs=tuple(images), min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels
     )

@@ -31,7 +31,12 @@ from gmner_rt.errors import InputError
 from .config import TrainConfig, save_config
 from .dataset import ExampleSettings, collate, encode_example, example_settings
 from .evaluate import mean_loss, score_rows
-from .modeling import load_model_and_processor, resolve_device, resolve_dtype
+from .modeling import (
+    library_deprecations_filtered,
+    load_model_and_processor,
+    resolve_device,
+    resolve_dtype,
+)
 from .sft import SftConfig, build_rows, load_cot
 
 log = logging.getLogger(__name__)
@@ -114,7 +119,8 @@ def prepare_model(cfg: TrainConfig, device: torch.device):
             target_modules=cfg.lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora)
+        with library_deprecations_filtered():
+            model = get_peft_model(model, lora)
     else:
         for name, p in model.named_parameters():
             p.requires_grad = cfg.lora.train_vision or "visual" not in name

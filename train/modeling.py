@@ -8,8 +8,11 @@ video part. It knows nothing about GMNER records, prompts or LoRA.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -294,3 +297,21 @@ def resolve_device(name: str) -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+#: Deprecation notices transformers and peft raise about their own internals (peft asks for
+#: ``is_gradient_checkpointing``; generation passes ``past_key_values``): nothing a user can act
+#: on, so they are filtered where they arise, and nowhere else.
+_LIBRARY_DEPRECATIONS = (
+    r"`is_gradient_checkpointing` is deprecated",
+    r"`past_key_values` is deprecated",
+)
+
+
+@contextlib.contextmanager
+def library_deprecations_filtered() -> Iterator[None]:
+    """Run a block with :data:`_LIBRARY_DEPRECATIONS` ignored (other warnings still show)."""
+    with warnings.catch_warnings():
+        for message in _LIBRARY_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        yield

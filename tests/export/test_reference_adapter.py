@@ -80,7 +80,10 @@ def reference_adapter(tiny, tmp_path_factory) -> Path:
         bias="none",
         target_modules=REFERENCE_TARGETS,
     )
-    model = get_peft_model(model, lora)
+    from gmner.train.modeling import library_deprecations_filtered
+
+    with library_deprecations_filtered():
+        model = get_peft_model(model, lora)
     adapted = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and "lora_" not in n]
     assert adapted and not [n for n in adapted if "visual" in n], adapted
     generator = torch.Generator().manual_seed(0)
