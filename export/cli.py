@@ -114,11 +114,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "style's; the reference code's --system_prompt)",
     )
     _quant_flags(parser, required=False)
-    parser.usage = (
-        "%(prog)s --model DIR [--adapter DIR] --out DIR [options]   (export a bundle)\n"
-        "       %(prog)s {merge,quantize,trt-check,engine} ...        (other actions; "
-        "%(prog)s ACTION --help)"
-    )
     sub = parser.add_subparsers(
         dest="action",
         metavar="ACTION",
@@ -150,6 +145,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     trt_check.add_argument("--bundle", type=Path, required=True, help="the bundle to check")
     _engine_parser(sub)
+    # set last: the actions' own usage lines are built from the usage at the time
+    parser.usage = (
+        "%(prog)s --model DIR [--adapter DIR] --out DIR [options]   (export a bundle)\n"
+        "       %(prog)s {merge,quantize,trt-check,engine} ...        (other actions; "
+        "%(prog)s ACTION --help)"
+    )
 
 
 def _engine_parser(sub) -> None:

@@ -120,7 +120,18 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         if name == selected:
             _load(name).add_arguments(p)
+            _verbosity_on_actions(p)
     return parser
+
+
+def _verbosity_on_actions(parser: argparse.ArgumentParser) -> None:
+    """-v/-q on a command's own actions too (``gmner data stats DIR -v``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for nested in action.choices.values():
+                if "--verbose" not in nested._option_string_actions:
+                    _verbosity(nested, argparse.SUPPRESS)
+                _verbosity_on_actions(nested)
 
 
 def _verbosity(parser: argparse.ArgumentParser, default: object) -> None:

@@ -28,6 +28,8 @@ def test_verbosity_flags_work_anywhere_on_the_line(tmp_path, caplog, capsys):
         ["extract", "--image", missing, "--text", "x", "-q"],
     ):
         assert cli.main(argv) == 2, argv  # parsed; the missing image is the error
+    stats = ["data", "stats", str(Path(__file__).parents[1] / "fixtures" / "twitter-gmner-v2")]
+    assert cli.main([*stats, "-q"]) == 0  # an action of a command takes them too
     with pytest.raises(SystemExit) as exc:
         cli.main(["extract", "-v", "-q", "--image", missing, "--text", "x"])
     assert exc.value.code == 2
@@ -108,6 +110,9 @@ def test_export_help_does_not_make_an_action_look_required(capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: gmner export --model DIR [--adapter DIR] --out DIR")
     assert "optional: without one, gmner export writes a bundle" in out
+    with pytest.raises(SystemExit):
+        cli.main(["export", "merge", "--help"])
+    assert capsys.readouterr().out.startswith("usage: gmner export merge [-h] --model MODEL")
 
 
 def test_image_mistakes_are_named_before_any_bundle_loads(tmp_path, caplog, monkeypatch):
