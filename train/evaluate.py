@@ -17,6 +17,7 @@ from gmner_rt.geometry import ImageGeometry
 from gmner_rt.metrics import EvalReport, evaluate
 from gmner_rt.predictions import write_predictions
 
+from . import distributed
 from .dataset import ExampleSettings, collate, encode_example, prompt_example, row_records
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-@torch.no_grad()
 def generate_outputs(
     model,
     processor,
@@ -38,7 +38,26 @@ def generate_outputs(
     max_new_tokens: int,
     batch_size: int,
 ) -> dict[str, str]:
-    """Greedy outputs per image id, boxes mapped to original pixels."""
+    """Greedy outputs per image id, boxes mapped to original pixels. In a data-parallel
+    run each rank generates its share of ``rows`` and every rank gets all outputs."""
+    return distributed.sharded(
+        rows,
+        lambda part: _generate(
+            model, processor, part, settings, max_new_tokens=max_new_tokens, batch_size=batch_size
+        ),
+    )
+
+
+@torch.no_grad()
+def _generate(
+    model,
+    processor,
+    rows: Sequence[dict],
+    settings: ExampleSettings,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict[str, str]:
     model.eval()
     tok = processor.tokenizer
     device = next(model.parameters()).device
@@ -69,11 +88,30 @@ def generate_outputs(
     return outputs
 
 
-@torch.no_grad()
 def mean_loss(
     model, processor, rows: Sequence[dict], settings: ExampleSettings, batch_size: int
 ) -> float:
-    """Token-weighted loss on unperturbed targets."""
+    """Token-weighted loss on unperturbed targets (each rank of a data-parallel run takes
+    its share of ``rows``)."""
+    total = tokens = 0.0
+    for part_total, part_tokens in distributed.all_gather(
+        _loss_sums(
+            model,
+            processor,
+            rows[distributed.rank() :: distributed.world_size()],
+            settings,
+            batch_size,
+        )
+    ):
+        total, tokens = total + part_total, tokens + part_tokens
+    return total / tokens if tokens else float("nan")
+
+
+@torch.no_grad()
+def _loss_sums(
+    model, processor, rows: Sequence[dict], settings: ExampleSettings, batch_size: int
+) -> tuple[float, float]:
+    """(sum of token losses, tokens) over ``rows``."""
     model.eval()
     device = next(model.parameters()).device
     total = tokens = 0.0
@@ -86,7 +124,7 @@ def mean_loss(
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(model(**batch).loss) * n
         tokens += n
-    return total / tokens if tokens else float("nan")
+    return total, tokens
 
 
 def score_rows(
@@ -104,7 +142,7 @@ def score_rows(
     outputs = generate_outputs(
         model, processor, rows, settings, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
-    if pred_path is not None:
+    if pred_path is not None and distributed.is_main():
         write_predictions(pred_path, outputs)
     gold = {row["id"]: row_records(row) for row in rows}
     return evaluate(gold, outputs, protocol=protocol)
