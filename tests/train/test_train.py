@@ -142,10 +142,14 @@ def test_a_few_steps_lower_the_loss(tiny, images, tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tiny, images, tmp_path):
+    """Also with two DataLoader workers (against none): an example depends on (seed, epoch,
+    index) alone, so the losses are the same floats whoever builds it, across the epoch
+    boundary (persistent workers, GRBP redrawn) and after a resume."""
     overrides = {"optim.epochs": 2, "output.save_every": 1, "lora.dropout": 0.3}
     full = train(_cfg(tiny, images, tmp_path / "a", **overrides))
     assert full.step == 4
-    cut = _cfg(tiny, images, tmp_path / "b", **overrides)
+    cut = _cfg(tiny, images, tmp_path / "b", **overrides, **{"data.num_workers": 2})
+    assert cut.grbp.enabled
     train(cut, stop_after_steps=3)
     # A kill mid-write leaves a temporary folder behind; resume must ignore it.
     (tmp_path / "b" / "checkpoints" / "step-000004.tmp-999").mkdir()
