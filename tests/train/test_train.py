@@ -339,3 +339,14 @@ def test_a_run_stopped_after_its_last_step_still_evaluates_on_resume(tiny, image
 
     assert keys(tmp_path / "b") == keys(tmp_path / "a")
     assert (tmp_path / "b" / "test_scores.json").is_file()
+
+
+def test_real_scale_profile_records_a_trace_and_its_top_ops(tiny, images, tmp_path):
+    """The GPU benchmark's ``--profile`` path, on the CPU: steps after the first recorded."""
+    real_scale = pytest.importorskip("gmner.bench.train_at_scale")
+    cfg = _cfg(tiny, images, tmp_path / "run", **{"optim.max_steps": 2, "data.limit": 8})
+    table = real_scale.profiled_train(cfg, tmp_path / "prof", skip=1, active=1, top=5)
+    trace = json.loads((tmp_path / "prof" / "trace.json").read_text())
+    assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+    assert "aten::" in table and table == (tmp_path / "prof" / "top_ops.txt").read_text()[:-1]
+    assert len([r for r in table.splitlines() if "aten::" in r]) <= 5
