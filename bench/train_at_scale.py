@@ -1,15 +1,20 @@
 """Real-scale training step on a GPU (not run in CI): a random Qwen2.5-VL-3B, the paper's recipe.
 
     python -m gmner.bench.train_at_scale --work /tmp/rs-train [--steps 20] [--model DIR]
+        [--num-workers 4] [--profile DIR]
 
 Builds a random-weight model with the real 3B configuration (``gmner tiny-model --preset
 qwen2.5-vl-3b``, bf16) unless ``--model`` names one, writes synthetic tweets whose images
 span the paper's pixel range (so the image token counts are the real ones, up to 1024), and
 runs ``gmner train``'s loop on CUDA with the paper's settings: LoRA r 32 / alpha 64 on the
 language model, bf16, gradient checkpointing, batch 2 x accumulation 8, max length 2048, for
-``--steps`` optimizer steps. It prints one JSON summary (step times, tokens/s, peak GPU memory)
-and writes it to ``WORK/real_scale_train.json``. Figures from a run are recorded in
-``docs/benchmarks.md``. Without CUDA it exits with a clear error.
+``--steps`` optimizer steps, examples built by ``--num-workers`` DataLoader workers. It prints
+one JSON summary (step times, tokens/s, peak GPU memory) and writes it to
+``WORK/real_scale_train.json``. ``--profile DIR`` records a ``torch.profiler`` trace of
+``--profile-steps`` steps after the warm-up (``DIR/trace.json``, for Perfetto or
+chrome://tracing) and prints the ops that took the most device time (``DIR/top_ops.txt``).
+Figures from a run are recorded in ``docs/benchmarks.md``. Without CUDA it exits with a clear
+error.
 """
 
 from __future__ import annotations
@@ -63,12 +68,45 @@ def _summary(rows: list[dict], warmup: int) -> dict:
     }
 
 
+def profiled_train(cfg, out: Path, *, skip: int, active: int, top: int) -> str:
+    """Train ``cfg`` under ``torch.profiler``, recording optimizer steps ``skip + 1`` to
+    ``skip + active`` (CPU and, where there is one, CUDA activity). Writes
+    ``out/trace.json`` and ``out/top_ops.txt``, the table of the ``top`` ops by total device
+    time (CPU time without CUDA), and returns that table."""
+    import torch
+    from gmner.train.loop import train
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = torch.cuda.is_available() and cfg.model.device != "cpu"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    out.mkdir(parents=True, exist_ok=True)
+    plan = schedule(wait=max(0, skip - 1), warmup=min(1, skip), active=active, repeat=1)
+    with profile(
+        activities=activities,
+        schedule=plan,
+        on_trace_ready=lambda p: p.export_chrome_trace(str(out / "trace.json")),
+        record_shapes=True,
+    ) as prof:
+        train(cfg, on_step=lambda pos: prof.step())
+    table = prof.key_averages().table(
+        sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=top
+    )
+    (out / "top_ops.txt").write_text(table + "\n", encoding="utf-8")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="working folder")
     parser.add_argument("--model", type=Path, help="model directory (default: build one)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the rates")
+    parser.add_argument(
+        "--num-workers", type=int, default=4, help="DataLoader workers (data.num_workers)"
+    )
+    parser.add_argument("--profile", type=Path, help="record a profiler trace into this folder")
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps the trace records")
+    parser.add_argument("--top", type=int, default=30, help="ops in the printed table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
@@ -94,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             "data.images": str(args.work / "data" / "images"),
             "data.cot": str(args.work / "data" / "cot.jsonl"),
             "optim.max_steps": args.steps,
+            "data.num_workers": args.num_workers,
             "eval.enabled": False,
             "output.dir": str(args.work / "run"),
         },
@@ -102,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.work / "data" / "cot.jsonl").is_file():
         _write_data(args.work / "data", per_step * args.steps)
     started = time.perf_counter()
-    train(cfg)
+    if args.profile:
+        table = profiled_train(
+            cfg, args.profile, skip=args.warmup, active=args.profile_steps, top=args.top
+        )
+        sys.stdout.write(table + "\n")
+        summary["profile"] = str(args.profile)
+    else:
+        train(cfg)
     summary["train_s"] = round(time.perf_counter() - started, 1)
     rows = [
         json.loads(line)
@@ -112,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     summary.update(
         {
             "batch": f"{cfg.optim.batch_size} x {cfg.optim.grad_accum}",
+            "num_workers": cfg.data.num_workers,
             "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha},
             "pixels": [cfg.model.min_pixels, cfg.model.max_pixels],
             "torch": torch.__version__,

@@ -21,6 +21,7 @@ from gmner_rt.geometry import ImageGeometry
 from gmner_rt.metrics import PROTOCOLS, EvalReport, evaluate
 from gmner_rt.predictions import ModelText, write_predictions
 
+from . import distributed
 from .modeling import library_deprecations_filtered
 from .dataset import ExampleSettings, collate, encode_example, prompt_example, row_records
 
@@ -42,7 +43,6 @@ class Generated:
     texts: dict[str, ModelText]
 
 
-@torch.no_grad()
 def generate_outputs(
     model,
     processor,
@@ -52,12 +52,36 @@ def generate_outputs(
     max_new_tokens: int,
     batch_size: int,
 ) -> Generated:
-    """Greedy outputs per image id, as generated and mapped to original pixels."""
+    """Greedy outputs per image id, as generated and mapped to original pixels. In a
+    data-parallel run each rank generates its share of ``rows`` and every rank gets all
+    outputs."""
+    pairs = distributed.sharded(
+        rows,
+        lambda part: _generate(
+            model, processor, part, settings, max_new_tokens=max_new_tokens, batch_size=batch_size
+        ),
+    )
+    return Generated(
+        {k: output for k, (output, _) in pairs.items()},
+        {k: text for k, (_, text) in pairs.items()},
+    )
+
+
+@torch.no_grad()
+def _generate(
+    model,
+    processor,
+    rows: Sequence[dict],
+    settings: ExampleSettings,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict[str, tuple[str, ModelText]]:
+    """This process's outputs: per image id, (text in original pixels, text as generated)."""
     model.eval()
     tok = processor.tokenizer
     device = next(model.parameters()).device
-    outputs: dict[str, str] = {}
-    texts: dict[str, ModelText] = {}
+    outputs: dict[str, tuple[str, ModelText]] = {}
     bar = progress.Progress(len(rows), "generate", "tweet")
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -85,18 +109,37 @@ def generate_outputs(
             geo = ImageGeometry.for_image(
                 w, h, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels
             )
-            outputs[row["id"]] = answer_to_original(text, geo)
-            texts[row["id"]] = ModelText(text, (w, h), geo.model_size)
+            model_text = ModelText(text, (w, h), geo.model_size)
+            outputs[row["id"]] = (answer_to_original(text, geo), model_text)
         bar.update(len(chunk))
     bar.close()
-    return Generated(outputs, texts)
+    return outputs
 
 
-@torch.no_grad()
 def mean_loss(
     model, processor, rows: Sequence[dict], settings: ExampleSettings, batch_size: int
 ) -> float:
-    """Token-weighted loss on unperturbed targets."""
+    """Token-weighted loss on unperturbed targets (each rank of a data-parallel run takes
+    its share of ``rows``)."""
+    total = tokens = 0.0
+    for part_total, part_tokens in distributed.all_gather(
+        _loss_sums(
+            model,
+            processor,
+            rows[distributed.rank() :: distributed.world_size()],
+            settings,
+            batch_size,
+        )
+    ):
+        total, tokens = total + part_total, tokens + part_tokens
+    return total / tokens if tokens else float("nan")
+
+
+@torch.no_grad()
+def _loss_sums(
+    model, processor, rows: Sequence[dict], settings: ExampleSettings, batch_size: int
+) -> tuple[float, float]:
+    """(sum of token losses, tokens) over ``rows``."""
     model.eval()
     device = next(model.parameters()).device
     total = tokens = 0.0
@@ -109,7 +152,7 @@ def mean_loss(
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(model(**batch).loss) * n
         tokens += n
-    return total / tokens if tokens else float("nan")
+    return total, tokens
 
 
 def score_rows(
@@ -133,8 +176,9 @@ def score_rows(
 def score_generated(
     rows: Sequence[dict], generated: Generated, pred_path: Path | None = None
 ) -> dict[str, EvalReport]:
-    """Score outputs of ``rows`` under every protocol; write them first when asked."""
-    if pred_path is not None:
+    """Score outputs of ``rows`` under every protocol; write them first when asked (the
+    main process alone, in a data-parallel run)."""
+    if pred_path is not None and distributed.is_main():
         write_predictions(pred_path, generated.outputs, model_texts=generated.texts)
     gold = {row["id"]: row_records(row) for row in rows}
     return {

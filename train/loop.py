@@ -17,10 +17,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -28,8 +28,10 @@ from tqdm.auto import tqdm
 from gmner_rt.data import load_split
 from gmner_rt.errors import InputError
 
+from . import distributed
 from .config import TrainConfig, save_config
-from .dataset import ExampleSettings, collate, encode_example, example_settings
+from .data_loader import MicroBatches, TrainExamples, to_device, train_loader
+from .dataset import ExampleSettings, example_settings
 from .evaluate import mean_loss, score_rows
 from .modeling import (
     library_deprecations_filtered,
@@ -172,9 +174,18 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    run: Path, model, processor, opt, sched, pos: Position, cfg: TrainConfig
+    run: Path,
+    model,
+    processor,
+    opt,
+    sched,
+    pos: Position,
+    cfg: TrainConfig,
+    *,
+    rank_rng: list[dict] | None = None,
 ) -> Path:
-    """Write ``checkpoints/step-N`` atomically and point ``latest`` at it."""
+    """Write ``checkpoints/step-N`` atomically and point ``latest`` at it. ``rank_rng``: every
+    rank's RNG state in a data-parallel run (:func:`distributed.rng_state`)."""
     final = run / "checkpoints" / f"step-{pos.step:06d}"
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -189,6 +200,7 @@ def save_checkpoint(
             "scheduler": sched.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rank_rng": rank_rng,
         },
         tmp / "trainer_state.pt",
     )
@@ -225,10 +237,28 @@ def load_checkpoint(ckpt: Path, model, opt, sched) -> Position:
     trainer = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     opt.load_state_dict(trainer["optimizer"])
     sched.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(trainer["torch_rng"])
-    if trainer["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
+    _restore_rng(trainer, next(model.parameters()).device)
     return Position(**json.loads((ckpt / "position.json").read_text(encoding="utf-8")))
+
+
+def _restore_rng(trainer: dict, device: torch.device) -> None:
+    """Each rank's RNG state as the checkpoint saved it. A checkpoint from a run with another
+    number of ranks gives rank 0 its stream and leaves the others their own seeds."""
+    world, ranks = distributed.world_size(), trainer.get("rank_rng") or []
+    if world > 1 and len(ranks) == world:
+        distributed.set_rng_state(ranks[distributed.rank()], device)
+        return
+    if world > 1 or ranks:
+        log.warning(
+            "checkpoint written by %d process(es), resumed by %d: dropout draws differ from "
+            "an uninterrupted run",
+            max(1, len(ranks)),
+            world,
+        )
+    if distributed.is_main():
+        torch.set_rng_state(trainer["torch_rng"])
+        if trainer["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(trainer["cuda_rng"])
 
 
 #: The files every complete checkpoint holds (written last: position.json).
@@ -317,6 +347,8 @@ def trim_metrics(run: Path, pos: Position) -> None:
 
 
 def _log_metrics(run: Path, row: dict, writer=None) -> None:
+    if not distributed.is_main():  # one writer
+        return
     with (run / "metrics.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
     if writer is not None:
@@ -393,8 +425,10 @@ def _evaluate_epoch(model, processor, rows, cfg, run, pos, writer) -> None:
         },
         writer,
     )
-    if f1 > pos.best_f1:
+    if f1 > pos.best_f1:  # the same on every rank: all of them scored all outputs
         pos.best_f1, pos.best_step = f1, pos.step
+        if not distributed.is_main():
+            return
         tmp = run / "best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
@@ -406,63 +440,85 @@ def _evaluate_epoch(model, processor, rows, cfg, run, pos, writer) -> None:
 
 
 def train(
-    cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | None = None
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+    on_step: Callable[[Position], None] | None = None,
 ) -> Position:
     """Run (or resume) training; returns the final position (losses per optimizer step).
 
-    ``stop_after_steps`` stops right after that step's checkpoint, as a kill would.
+    Launched by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), the processes
+    train data-parallel (:mod:`gmner.train.distributed`); rank 0 alone writes to the run
+    folder, which every rank must see. ``stop_after_steps`` stops right after that step's
+    checkpoint, as a kill would; ``on_step`` is called after each optimizer step (a
+    profiler's ``step``).
     """
+    with distributed.session(resolve_device(cfg.model.device)) as device:
+        return _train(cfg, device, resume, stop_after_steps, on_step)
+
+
+def _train(cfg: TrainConfig, device, resume, stop_after_steps, on_step) -> Position:
     run = Path(cfg.output.dir)
     run.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.model.device)
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     rows = load_rows(cfg)
     train_rows = rows[cfg.data.train_split]
     model, processor = prepare_model(cfg, device)
+    distributed.seed_rank(cfg.optim.seed)
     model.train()
-    settings = example_settings(cfg)
     n_batches = math.ceil(len(train_rows) / cfg.optim.batch_size)
-    steps_per_epoch = math.ceil(n_batches / cfg.optim.grad_accum)
+    per_step = cfg.optim.grad_accum * world  # micro-batches per optimizer step, all ranks
+    steps_per_epoch = math.ceil(n_batches / per_step)
     total = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
     opt, sched = make_optimizer(model, cfg, total)
     pos = Position()
-    remove_debris(run)
+    if main:
+        remove_debris(run)
+    distributed.barrier()
     ckpt = latest_checkpoint(run) if resume else None
     if ckpt is not None:
         pos = load_checkpoint(ckpt, model, opt, sched)
-        trim_metrics(run, pos)
+        if main:
+            trim_metrics(run, pos)
         log.info("resumed from %s (step %d)", ckpt, pos.step)
-    elif resume:  # nothing to resume from: the rows of an attempt killed before its first save
+    elif resume and main:  # nothing to resume from: rows of an attempt killed before a save
         trim_metrics(run, Position(metrics_bytes=0))
-    save_config(cfg, run / "config.yaml")
-    writer = _tensorboard(run) if cfg.output.tensorboard else None
+    if main:
+        save_config(cfg, run / "config.yaml")
+    writer = _tensorboard(run) if cfg.output.tensorboard and main else None
+    trained = distributed.data_parallel(model, device)
     autocast = device.type == "cuda" and resolve_dtype(cfg.model.dtype, device) != torch.float32
-    pad_id = processor.tokenizer.pad_token_id
-    bar = tqdm(total=total, initial=pos.step, desc="train", disable=None)
+    sampler = MicroBatches(cfg.optim.seed, len(train_rows), cfg.optim.batch_size)
+    loader = train_loader(
+        TrainExamples(processor, train_rows, example_settings(cfg)),
+        sampler,
+        processor.tokenizer.pad_token_id,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        seed=cfg.optim.seed,
+    )
+    bar = tqdm(total=total, initial=pos.step, desc="train", disable=None if main else True)
     while pos.epoch < cfg.optim.epochs:
         if pos.step >= total and pos.batch == 0:
             break
-        order = np.random.default_rng([cfg.optim.seed, pos.epoch]).permutation(len(train_rows))
-        batches = [
-            order[i : i + cfg.optim.batch_size] for i in range(0, len(order), cfg.optim.batch_size)
-        ]
+        plan = distributed.step_plan(n_batches, pos.batch, per_step, rank, world)
+        plan = plan[: max(0, total - pos.step)]  # nothing loaded past max_steps
+        sampler.start(pos.epoch, [n for share in plan for n in share.batches])
+        micro = iter(loader)
         t0 = time.perf_counter()
-        while pos.batch < len(batches) and pos.step < total:
+        for share in plan:
             model.train()
-            group = batches[pos.batch : pos.batch + cfg.optim.grad_accum]
-            running, tokens = 0.0, 0
-            for idx in group:
-                examples = [
-                    encode_example(
-                        processor, train_rows[i], settings, epoch=pos.epoch, index=int(i)
-                    )
-                    for i in idx
-                ]
-                tokens += sum(len(e["input_ids"]) for e in examples)  # counted on the host
-                batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss = model(**batch).loss / len(group)
-                loss.backward()
-                running += float(loss.detach())
+            running, tokens = torch.zeros((), device=device), 0
+            for k in range(len(share.batches)):
+                batch, count = next(micro)
+                with distributed.no_sync(trained, sync=k == len(share.batches) - 1):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                        loss = trained(**to_device(batch, device)).loss
+                    distributed.scale_loss(loss, share).backward()
+                if share.real:
+                    running += loss.detach() / share.size
+                    tokens += count  # counted on the host
             if cfg.optim.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], cfg.optim.max_grad_norm
@@ -471,29 +527,50 @@ def train(
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            pos.batch += len(group)
+            step_loss, tokens = distributed.step_totals(running, tokens)
+            pos.batch += share.size
             pos.step += 1
-            pos.losses.append(running)
+            pos.losses.append(step_loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}")
-            _log_metrics(run, _step_row(pos, running, lr, tokens, t0, device), writer)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            _log_metrics(run, _step_row(pos, step_loss, lr, tokens, t0, device), writer)
+            if on_step is not None:
+                on_step(pos)
             t0 = time.perf_counter()
             if cfg.output.save_every and pos.step % cfg.output.save_every == 0:
-                save_checkpoint(run, model, processor, opt, sched, pos, cfg)
+                _save(run, model, processor, opt, sched, pos, cfg, device)
             if stop_after_steps is not None and pos.step >= stop_after_steps:
                 bar.close()
                 return pos
-        if pos.batch >= len(batches):  # also a resumed run saved at its epoch's last step
+        if pos.batch >= n_batches:  # also a resumed run saved at its epoch's last step
             pos.epoch, pos.batch = pos.epoch + 1, 0
             dev = rows.get(cfg.data.dev_split)
             if cfg.eval.enabled and dev:
                 _evaluate_epoch(model, processor, dev, cfg, run, pos, writer)
-            save_checkpoint(run, model, processor, opt, sched, pos, cfg)
+            _save(run, model, processor, opt, sched, pos, cfg, device)
         elif pos.step >= total:  # max_steps ended the run inside an epoch
             break
     bar.close()
     _final_test(model, processor, rows, cfg, run, pos, writer)
     return pos
+
+
+def _save(run: Path, model, processor, opt, sched, pos: Position, cfg, device) -> None:
+    """A checkpoint written by rank 0 with every rank's RNG state; the other ranks wait for
+    it (so ``best/`` and checkpoints are complete when any rank reads them)."""
+    states = distributed.all_gather(distributed.rng_state(device))
+    if distributed.is_main():
+        save_checkpoint(
+            run,
+            model,
+            processor,
+            opt,
+            sched,
+            pos,
+            cfg,
+            rank_rng=states if len(states) > 1 else None,
+        )
+    distributed.barrier()
 
 
 def _step_row(pos: Position, loss: float, lr: float, tokens: int, t0: float, device) -> dict:
@@ -529,7 +606,8 @@ def _final_test(model, processor, rows, cfg, run, pos, writer) -> None:
             for name, value in load_file(best).items():
                 params[name].copy_(value)
     reports = _score_split(model, processor, test, cfg, run / "test_pred.jsonl")
-    (run / "test_scores.json").write_text(_scores_json(reports, cfg.eval.protocol))
+    if distributed.is_main():
+        (run / "test_scores.json").write_text(_scores_json(reports, cfg.eval.protocol))
     log.info(
         "test (best dev step %d): %s",
         pos.best_step,

@@ -142,10 +142,14 @@ def test_a_few_steps_lower_the_loss(tiny, images, tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tiny, images, tmp_path):
+    """Also with two DataLoader workers (against none): an example depends on (seed, epoch,
+    index) alone, so the losses are the same floats whoever builds it, across the epoch
+    boundary (persistent workers, GRBP redrawn) and after a resume."""
     overrides = {"optim.epochs": 2, "output.save_every": 1, "lora.dropout": 0.3}
     full = train(_cfg(tiny, images, tmp_path / "a", **overrides))
     assert full.step == 4
-    cut = _cfg(tiny, images, tmp_path / "b", **overrides)
+    cut = _cfg(tiny, images, tmp_path / "b", **overrides, **{"data.num_workers": 2})
+    assert cut.grbp.enabled
     train(cut, stop_after_steps=3)
     # A kill mid-write leaves a temporary folder behind; resume must ignore it.
     (tmp_path / "b" / "checkpoints" / "step-000004.tmp-999").mkdir()
@@ -348,3 +352,14 @@ def test_a_run_stopped_after_its_last_step_still_evaluates_on_resume(tiny, image
 
     assert keys(tmp_path / "b") == keys(tmp_path / "a")
     assert (tmp_path / "b" / "test_scores.json").is_file()
+
+
+def test_real_scale_profile_records_a_trace_and_its_top_ops(tiny, images, tmp_path):
+    """The GPU benchmark's ``--profile`` path, on the CPU: steps after the first recorded."""
+    real_scale = pytest.importorskip("gmner.bench.train_at_scale")
+    cfg = _cfg(tiny, images, tmp_path / "run", **{"optim.max_steps": 2, "data.limit": 8})
+    table = real_scale.profiled_train(cfg, tmp_path / "prof", skip=1, active=1, top=5)
+    trace = json.loads((tmp_path / "prof" / "trace.json").read_text())
+    assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+    assert "aten::" in table and table == (tmp_path / "prof" / "top_ops.txt").read_text()[:-1]
+    assert len([r for r in table.splitlines() if "aten::" in r]) <= 5
