@@ -44,13 +44,21 @@ def _duration(seconds: float) -> str:
 class Progress:
     """Counts done units of ``total`` (or of an unknown total); a context manager."""
 
-    def __init__(self, total: int | None, desc: str, unit: str = "it") -> None:
+    def __init__(
+        self,
+        total: int | None,
+        desc: str,
+        unit: str = "it",
+        *,
+        initial: int = 0,
+        enabled: bool = True,
+    ) -> None:
         self.total, self.desc, self.unit = total, desc, unit
-        self.done = 0
+        self.done = self._initial = initial
         self._started = self._last = time.monotonic()
         self._bar: Any = None
         self._redirect: contextlib.ExitStack | None = None
-        if not _STATE["enabled"]:
+        if not (enabled and _STATE["enabled"]):
             self._mode = "off"
         elif _terminal() and _tqdm() is not None:
             self._mode = "bar"
@@ -64,7 +72,13 @@ class Progress:
 
         self._redirect = contextlib.ExitStack()
         self._redirect.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
-        self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, dynamic_ncols=True)
+        self._bar = tqdm(
+            total=self.total,
+            initial=self._initial,
+            desc=self.desc,
+            unit=self.unit,
+            dynamic_ncols=True,
+        )
 
     def update(self, n: int = 1, **postfix: object) -> None:
         """``n`` more units done; ``postfix`` (e.g. ``loss=0.31``) is shown beside the count."""
@@ -81,7 +95,7 @@ class Progress:
 
     def _line(self, postfix: dict | None = None) -> str:
         elapsed = time.monotonic() - self._started
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        rate = (self.done - self._initial) / elapsed if elapsed > 0 else 0.0
         head = f"{self.desc}: {self.done}"
         if self.total:
             head += f"/{self.total} ({100 * self.done / self.total:.0f} %)"
@@ -95,7 +109,7 @@ class Progress:
         if self._mode == "bar":
             self._bar.close()
             self._redirect.close()
-        elif self._mode == "log" and self.done:
+        elif self._mode == "log" and self.done > self._initial:
             log.info("%s (done)", self._line())
         self._mode = "off"
 

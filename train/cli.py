@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from gmner_rt.cli_flags import add_path_list
 from gmner_rt.errors import InputError
@@ -75,10 +76,21 @@ def run(args: argparse.Namespace) -> int:
     from .loop import train  # torch is imported only when training runs
 
     pos = train(cfg, resume=args.resume)
-    log.info(
-        "done: %d optimizer steps, best dev GMNER F1 %.4f at step %d",
-        pos.step,
-        pos.best_f1,
-        pos.best_step,
-    )
+    run = Path(cfg.output.dir)
+    if pos.best_step >= 0:
+        log.info(
+            "done: %d optimizer steps; best dev GMNER F1 %.4f (%s) at step %d, in %s",
+            pos.step,
+            pos.best_f1,
+            cfg.eval.protocol,
+            pos.best_step,
+            run / "best",
+        )
+    else:
+        log.info(
+            "done: %d optimizer steps; no dev evaluation ran, so there is no best/ "
+            "checkpoint; the last one is %s",
+            pos.step,
+            run / "checkpoints" / f"step-{pos.step:06d}",
+        )
     return 0

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from gmner_rt import progress
 from gmner_rt.data import load_split
 from gmner_rt.errors import InputError
 
@@ -77,6 +77,12 @@ def load_rows(cfg: TrainConfig) -> dict[str, list[dict]]:
         system_prompt=cfg.data.system_prompt,
     )
     cot = load_cot(cfg.data.cot) if cfg.data.use_cot and cfg.data.cot else None
+    if cfg.data.use_cot and not cfg.data.cot:
+        log.warning(
+            "no --cot file: the prompt asks for reasoning and every target's think block "
+            "will be empty; pass --cot FILE (written by gmner cot) for reasoning targets, or "
+            "--no-cot for answer-only prompts and targets"
+        )
     rows: dict[str, list[dict]] = {}
     for split in dict.fromkeys((cfg.data.train_split, cfg.data.dev_split, cfg.data.test_split)):
         if not split or (split != cfg.data.train_split and not _has_split(cfg.data.dir, split)):
@@ -498,7 +504,8 @@ def _train(cfg: TrainConfig, device, resume, stop_after_steps, on_step) -> Posit
         device=device,
         seed=cfg.optim.seed,
     )
-    bar = tqdm(total=total, initial=pos.step, desc="train", disable=None if main else True)
+    bar = progress.Progress(total, "train", "step", initial=pos.step, enabled=main)
+    saved = pos.step if ckpt is not None else -1
     while pos.epoch < cfg.optim.epochs:
         if pos.step >= total and pos.batch == 0:
             break
@@ -531,14 +538,14 @@ def _train(cfg: TrainConfig, device, resume, stop_after_steps, on_step) -> Posit
             pos.batch += share.size
             pos.step += 1
             pos.losses.append(step_loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
+            bar.update(1, loss=step_loss)
             _log_metrics(run, _step_row(pos, step_loss, lr, tokens, t0, device), writer)
             if on_step is not None:
                 on_step(pos)
             t0 = time.perf_counter()
             if cfg.output.save_every and pos.step % cfg.output.save_every == 0:
                 _save(run, model, processor, opt, sched, pos, cfg, device)
+                saved = pos.step
             if stop_after_steps is not None and pos.step >= stop_after_steps:
                 bar.close()
                 return pos
@@ -548,9 +555,12 @@ def _train(cfg: TrainConfig, device, resume, stop_after_steps, on_step) -> Posit
             if cfg.eval.enabled and dev:
                 _evaluate_epoch(model, processor, dev, cfg, run, pos, writer)
             _save(run, model, processor, opt, sched, pos, cfg, device)
+            saved = pos.step
         elif pos.step >= total:  # max_steps ended the run inside an epoch
             break
     bar.close()
+    if saved != pos.step:  # a run shorter than an epoch still leaves a usable checkpoint
+        _save(run, model, processor, opt, sched, pos, cfg, device)
     _final_test(model, processor, rows, cfg, run, pos, writer)
     return pos
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -363,3 +364,36 @@ def test_real_scale_profile_records_a_trace_and_its_top_ops(tiny, images, tmp_pa
     assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
     assert "aten::" in table and table == (tmp_path / "prof" / "top_ops.txt").read_text()[:-1]
     assert len([r for r in table.splitlines() if "aten::" in r]) <= 5
+
+
+def test_a_run_shorter_than_an_epoch_leaves_a_checkpoint_and_no_false_best(
+    tiny, images, tmp_path, caplog
+):
+    """--optim.max_steps below an epoch: the last step is checkpointed (resumable and
+    exportable), and the command says there is no best/ instead of 'F1 -1 at step -1'."""
+    run = tmp_path / "run"
+    argv = [
+        "train", "--model", str(tiny), "--data", str(FIXTURE), "--images", str(images),
+        "--out", str(run), "--no-cot", "--optim.batch_size", "1", "--optim.grad_accum", "1",
+        "--optim.max_steps", "2", "--data.limit", "6", "--eval.enabled", "false",
+        "--model.min_pixels", str(SMALL_PIXELS["model.min_pixels"]),
+        "--model.max_pixels", str(SMALL_PIXELS["model.max_pixels"]),
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        assert gmner_main(argv) == 0
+    assert (run / "latest").read_text().strip() == "step-000002"
+    assert (run / "checkpoints" / "step-000002" / "adapter_config.json").is_file()
+    assert "no dev evaluation ran, so there is no best/ checkpoint" in caplog.text
+    assert "-1.0000" not in caplog.text and not (run / "best").exists()
+
+
+def test_training_without_a_cot_file_warns_that_think_blocks_are_empty(
+    tiny, images, tmp_path, caplog
+):
+    from gmner.train.loop import load_rows
+
+    load_rows(_cfg(tiny, images, tmp_path, **{"data.use_cot": True, "data.limit": 2}))
+    assert "no --cot file: the prompt asks for reasoning" in caplog.text
+    caplog.clear()
+    load_rows(_cfg(tiny, images, tmp_path, **{"data.limit": 2}))  # --no-cot: nothing to say
+    assert "no --cot file" not in caplog.text
