@@ -142,6 +142,7 @@ class Verdict:
     reason: str = ""
 
 
+_COLOUR_NAMES = {"PER": "red", "LOC": "green", "ORG": "blue", "OTHER": "orange"}
 RIGHT_COLOUR: RGB = (20, 140, 60)
 WRONG_COLOUR: RGB = (200, 30, 30)
 GOLD_NOTE = "dashed: gold"
@@ -258,8 +259,10 @@ def draw_panel(
     if not verdicts:
         lines.append(("no entity predicted", (0, 0, 0)))
     for e in missed:
-        lines.append((f"missed  {e.mention} ({e.type})", WRONG_COLOUR))
+        lines.append((f"missed  {e.mention} ({e.type}), dashed", WRONG_COLOUR))
     lines.append(("solid, numbered: predicted; dashed: gold", (110, 110, 110)))
+    types = ", ".join(f"{t} {name}" for t, name in _COLOUR_NAMES.items())
+    lines.append((f"colours: {types}", (110, 110, 110)))
     wrapped: list[tuple[str, RGB]] = []
     for text_line, colour in lines:
         wrapped += [(t, colour) for t in _wrap(draw, text_line, font, width - 16) or [""]]

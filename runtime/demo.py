@@ -14,10 +14,11 @@ import importlib.resources
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import gmner_rt
-from gmner_rt.draw import draw_entities
+from gmner_rt.draw import Verdict, draw_panel
 from gmner_rt.errors import InputError
 from gmner_rt.extractor import DEFAULT_BUNDLE, Extraction
 from gmner_rt.metrics import region_correct
@@ -75,40 +76,107 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_provider_arguments(parser)
 
 
-def _matches(entity, gold: dict) -> bool:
-    """Mention, type and region right (the GMNER rule for one pair)."""
-    gold_boxes = tuple(tuple(b) for b in gold["boxes"]) if gold["boxes"] is not None else None
-    return (entity.mention, entity.type) == (gold["mention"], gold["type"]) and region_correct(
-        entity.boxes, gold_boxes
-    )
+@dataclass(frozen=True)
+class _Gold:
+    mention: str
+    type: str
+    boxes: tuple | None
 
 
-def _report(example: dict, extraction: Extraction) -> dict:
-    gold = example.get("gold")
+def _gold_entities(example: dict) -> list[_Gold]:
+    return [
+        _Gold(g["mention"], g["type"], tuple(tuple(b) for b in g["boxes"]) if g["boxes"] else None)
+        for g in example.get("gold") or []
+    ]
+
+
+def _why_wrong(entity, golds: list[_Gold]) -> str:
+    """Why a prediction matches no remaining gold entity, in words."""
+    same = [g for g in golds if g.mention == entity.mention]
+    if not same:
+        return "not an entity of the tweet"
+    typed = [g for g in same if g.type == entity.type]
+    if not typed:
+        return f"the type is {same[0].type}"
+    gold = typed[0]
+    if gold.boxes is None:
+        return "the image does not show it"
+    if entity.boxes is None:
+        return "the image shows it"
+    return "the box is in another place"
+
+
+def judge(extraction: Extraction, golds: list[_Gold]) -> tuple[list[Verdict], list[_Gold]]:
+    """Each prediction right or wrong (mention, type and region; each gold entity used once,
+    in order), and the gold entities no prediction names at all."""
+    left = list(golds)
+    verdicts = []
+    for entity in extraction.records:
+        match = next(
+            (
+                g
+                for g in left
+                if (g.mention, g.type) == (entity.mention, entity.type)
+                and region_correct(entity.boxes, g.boxes)
+            ),
+            None,
+        )
+        if match is not None:
+            left.remove(match)
+            verdicts.append(Verdict(entity, True))
+        else:
+            taken = any(g.mention == entity.mention for g in golds) and not any(
+                g.mention == entity.mention for g in left
+            )
+            reason = "said twice" if taken else _why_wrong(entity, left)
+            verdicts.append(Verdict(entity, False, reason))
+    # a gold entity whose mention was predicted (wrongly) is told by that prediction's line
+    told = {v.entity.mention for v in verdicts if not v.right}
+    return verdicts, [g for g in left if g.mention not in told]
+
+
+def _report(example: dict, extraction: Extraction, verdicts: list[Verdict], missed) -> dict:
     row = {
         "id": example.get("id"),
         "image": example["image"],
         "text": example["text"],
         **extraction.to_dict(),
     }
-    if gold is not None:
-        row["gold"] = gold
-        row["correct"] = sum(any(_matches(e, g) for g in gold) for e in extraction.records)
+    if example.get("gold") is not None:
+        row["gold"] = example["gold"]
+        row["correct"] = sum(v.right for v in verdicts)
+        row["wrong"] = [
+            {"mention": v.entity.mention, "type": v.entity.type, "reason": v.reason}
+            for v in verdicts
+            if not v.right
+        ]
+        row["missed"] = [{"mention": g.mention, "type": g.type} for g in missed]
     return row
 
 
-def _overview(images: list[Path], out: Path, height: int = 320) -> None:
-    """The annotated images side by side, scaled to one height (what README shows)."""
+def score_line(example: dict, verdicts: list[Verdict], missed: list) -> str:
+    """One line per example: predictions right, gold found."""
+    gold = len(example.get("gold") or [])
+    right = sum(v.right for v in verdicts)
+    return (
+        f"{example.get('id') or example['image']}: {right} of {len(verdicts)} predictions "
+        f"right, {right} of {gold} gold entities found"
+    )
+
+
+def _overview(images: list[Path], out: Path) -> None:
+    """The panels side by side, top-aligned on a white ground (what README shows)."""
     from PIL import Image
 
     tiles = []
     for path in images:
         with Image.open(path) as im:
-            width = max(1, round(im.width * height / im.height))
-            tiles.append(im.convert("RGB").resize((width, height)))
-    gap = 8
+            tiles.append(im.convert("RGB"))
+    gap = 12
     canvas = Image.new(
-        "RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), height), "white"
+        "RGB",
+        (sum(t.width for t in tiles) + gap * (len(tiles) - 1), max(t.height for t in tiles)),
+        "white",
     )
     x = 0
     for tile in tiles:
@@ -133,10 +201,16 @@ def run_examples(
     for example in rows:
         image_path = examples / example["image"]
         extraction = extractor.extract(image_path, example["text"])
+        golds = _gold_entities(example)
+        verdicts, missed = judge(extraction, golds)
         annotated = out / f"{Path(example['image']).stem}_annotated.png"
-        draw_entities(to_rgb(image_path), extraction.records, out=annotated)
-        results.append({**_report(example, extraction), "annotated": str(annotated)})
+        draw_panel(to_rgb(image_path), example["text"], verdicts, golds, missed, out=annotated)
+        results.append(
+            {**_report(example, extraction, verdicts, missed), "annotated": str(annotated)}
+        )
         sys.stdout.write(f"\n== {example['text']}\n{format_table(extraction)}\n")
+        if example.get("gold") is not None:
+            sys.stdout.write(score_line(example, verdicts, missed) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     _overview([Path(r["annotated"]) for r in results], out / "overview.png")
     sys.stdout.write(

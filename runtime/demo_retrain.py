@@ -86,5 +86,5 @@ def retrain(
         shutil.rmtree(install, ignore_errors=True)
         shutil.copytree(bundle, install)
     if examples is not None:
-        write_examples(data, examples, predictions=work / "test_pred.jsonl")
+        write_examples(data, examples)
     return DemoResult(bundle, scores, train_seconds, seed)

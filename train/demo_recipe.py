@@ -14,7 +14,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEMO_RECIPE", "DEMO_TRAIN", "demo_synth", "train_demo", "write_examples"]
+__all__ = [
+    "DEMO_RECIPE",
+    "DEMO_TRAIN",
+    "demo_synth",
+    "pick_examples",
+    "train_demo",
+    "write_examples",
+]
 
 #: Training settings of the demo model (every other setting is the trainer's default).
 DEMO_RECIPE: dict[str, object] = {
@@ -43,7 +50,7 @@ DEMO_RECIPE: dict[str, object] = {
 }
 #: Train-split tweets of the demo data (dev and test keep SynthConfig's 150), seen once each.
 DEMO_TRAIN = 24000
-#: Shipped example pairs: test-split tweets with at least this many entities.
+#: Shipped example pairs: how many.
 EXAMPLE_COUNT = 4
 
 
@@ -67,50 +74,33 @@ def train_demo(model: Path, data: Path, run: Path, epochs: int | None = None) ->
     return run / "checkpoints" / (run / "latest").read_text(encoding="utf-8").strip()
 
 
-def _solved(tweets, predictions: Path | None) -> set[str]:
-    """Ids of the tweets whose predictions are all right (GMNER) with every entity found."""
-    if predictions is None:
-        return set()
-    from gmner_rt.metrics import evaluate
-    from gmner_rt.predictions import read_predictions
-
-    outputs = read_predictions(predictions)
-    solved = set()
-    for tweet in tweets:
-        if tweet.img_id not in outputs:
-            continue
-        report = evaluate({tweet.img_id: tweet.records()}, {tweet.img_id: outputs[tweet.img_id]})
-        g = report.gmner
-        if g.correct == g.gold == g.predicted and report.malformed == 0:
-            solved.add(tweet.img_id)
-    return solved
+#: Seed of the draw of the shipped examples from the synthetic test split.
+EXAMPLE_SEED = 2026
 
 
-def write_examples(
-    data: Path, out: Path, count: int = EXAMPLE_COUNT, predictions: Path | None = None
-) -> Path:
-    """Copy ``count`` test-split pairs (image, text, gold records) to ``out/examples.jsonl``.
+def pick_examples(tweets, count: int = EXAMPLE_COUNT, seed: int = EXAMPLE_SEED) -> list:
+    """``count`` test tweets drawn with a fixed seed, never chosen by how the model does on
+    them: among the tweets with at least two entities, one of them shown (so a picture has
+    something to check), in split order."""
+    import numpy as np
 
-    The richest tweets come first (most grounded entities, then most entities). With the
-    model's test ``predictions``, the first example is the richest tweet the model solved
-    entirely (the regression test checks the shipped bundle still does), the rest the
-    richest others, solved or not.
-    """
+    pool = [
+        t for t in tweets if len(t.entities) >= 2 and any(r.boxes for r in t.records())
+    ]
+    if len(pool) < count:
+        raise ValueError(f"only {len(pool)} test tweets qualify as examples, {count} wanted")
+    chosen = np.random.default_rng(seed).choice(len(pool), size=count, replace=False)
+    return [pool[i] for i in sorted(chosen)]
+
+
+def write_examples(data: Path, out: Path, count: int = EXAMPLE_COUNT) -> Path:
+    """Copy ``count`` test-split pairs (image, text, gold records), drawn by
+    :func:`pick_examples`, to ``out/examples.jsonl`` with their images."""
     from gmner_rt.data import load_split
 
     out.mkdir(parents=True, exist_ok=True)
-    tweets = load_split(data, "test")
-
-    def richness(tweet):
-        grounded = sum(1 for r in tweet.records() if r.boxes)
-        return (-grounded, -len(tweet.entities), tweet.img_id)
-
-    ranked = sorted(tweets, key=richness)
-    solved = _solved(tweets, predictions)
-    first = [t for t in ranked if t.img_id in solved][:1]
-    chosen = first + [t for t in ranked if t not in first][: count - len(first)]
     rows = []
-    for tweet in chosen:
+    for tweet in pick_examples(load_split(data, "test"), count):
         image = f"{tweet.img_id}.png"
         shutil.copyfile(data / "images" / image, out / image)
         gold = [

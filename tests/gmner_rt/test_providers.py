@@ -23,7 +23,7 @@ from gmner_rt.tensorrt import TRT_OPTION_NAMES
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 CPU = ["CPUExecutionProvider"]
-EXAMPLE = DEFAULT_BUNDLE.parents[2] / "examples" / "demo" / "3000020.png"
+EXAMPLE = next((DEFAULT_BUNDLE.parents[2] / "examples" / "demo").glob("*.png"))
 
 
 @pytest.fixture
