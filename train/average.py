@@ -50,9 +50,13 @@ def average_checkpoints(checkpoints: Sequence[str | Path], out: str | Path) -> P
         raise InputError(f"{paths[-1]}: no weight file ({', '.join(WEIGHT_FILES)})")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(paths[-1], tmp)
-    for name in names:
-        save_file(_mean([p / name for p in paths]), str(tmp / name))
+    try:
+        shutil.copytree(paths[-1], tmp)
+        for name in names:
+            save_file(_mean([p / name for p in paths]), str(tmp / name))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.replace(tmp, out)
     log.info(
         "averaged %d checkpoints (%s .. %s) into %s", len(paths), paths[0].name, paths[-1].name, out
@@ -61,20 +65,21 @@ def average_checkpoints(checkpoints: Sequence[str | Path], out: str | Path) -> P
 
 
 def _mean(files: Sequence[Path]) -> dict:
-    first = load_file(str(files[0]))
-    total = {k: v.to(torch.float64) for k, v in first.items() if v.is_floating_point()}
-    for path in files[1:]:
+    """Float tensors averaged over ``files``; the others as in the last file."""
+    last = load_file(str(files[-1]))
+    total = {k: v.to(torch.float64) for k, v in last.items() if v.is_floating_point()}
+    for path in files[:-1]:
         if not path.is_file():
             raise InputError(f"{path}: missing; every checkpoint must have the same weight files")
         tensors = load_file(str(path))
-        if tensors.keys() != first.keys():
-            raise InputError(f"{path}: holds other tensors than {files[0]}")
+        if tensors.keys() != last.keys():
+            raise InputError(f"{path}: holds other tensors than {files[-1]}")
         for key, value in tensors.items():
-            if value.shape != first[key].shape:
-                raise InputError(f"{path}: {key} has shape {value.shape}, not {first[key].shape}")
+            if value.shape != last[key].shape:
+                raise InputError(f"{path}: {key} has shape {value.shape}, not {last[key].shape}")
             if key in total:
                 total[key] += value.to(torch.float64)
     return {
         k: (total[k] / len(files)).to(v.dtype).contiguous() if k in total else v
-        for k, v in first.items()
+        for k, v in last.items()
     }
