@@ -142,7 +142,7 @@ def cast_for_export(model, settings: ExportSettings) -> tuple[int, ...]:
 
     For fp16: every weight goes to fp16 except the MLPs of the vision blocks listed in
     ``settings.fp32_vision_mlps``, or, when that is ``None``, of the last vision block (where
-    Qwen2.5-VL-3B's fp16 overflow is reported, design.md) plus every block whose MLP
+    Qwen2.5-VL-3B's fp16 overflow is reported, docs/export.md) plus every block whose MLP
     activations on a probe image exceed 65504 / 8 in fp32. RMSNorms and softmax compute in
     fp32 whatever the weights' dtype (HF's RMSNorm upcasts; :mod:`.graphs` upcasts scores).
     """

@@ -2,7 +2,7 @@
 
 Two protocols:
 
-``hindex`` (default; design.md "Evaluation protocol"): answers are read with
+``hindex`` (default; the H-Index rule, README "Metrics"): answers are read with
 :func:`gmner_rt.records.parse_output`. Mentions compare after HTML-unescape and whitespace
 collapse. A region is right when both are None, or every predicted box has IoU > 0.5 with some
 gold box. Repeated identical records stay separate predictions; a record that cannot be parsed

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=PROTOCOLS,
         default="hindex",
-        help="hindex (default, design.md) or e2e (the E2E-GMNER reference's evaluator, on the "
+        help="hindex (default: the H-Index rule, README 'Metrics') or e2e (the E2E-GMNER reference's evaluator, on the "
         "raw model-space text)",
     )
     parser.add_argument("--json", type=Path, help="also write the scores as JSON here")

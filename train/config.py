@@ -240,7 +240,7 @@ class EvalConfig:
         max_new_tokens: generation budget per tweet.
         batch_size: tweets per generation batch.
         protocol: the metrics protocol that selects the best dev checkpoint: ``hindex``
-            (default; design.md's protocol) or ``e2e`` (the reference's evaluator, on the
+            (default; the H-Index rule of README's Metrics section) or ``e2e`` (the reference's evaluator, on the
             raw model-space text). Both are computed and logged every epoch.
     """
 

@@ -232,7 +232,7 @@ PRESETS: dict[str, Preset] = {
         fullatt_block_indexes=(1, 3),
         max_pixels=1280 * 28 * 28,
     ),
-    # Qwen2.5-VL-3B's real dimensions (design.md), random weights in bf16 as the real
+    # Qwen2.5-VL-3B's real dimensions (its config.json), random weights in bf16 as the real
     # checkpoint ships: for real-scale export and memory checks, not for tests.
     "qwen2.5-vl-3b": Preset(
         hidden_size=2048,
