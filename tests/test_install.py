@@ -128,6 +128,9 @@ def test_the_wheel_carries_the_model_the_examples_and_the_jetson_page(wheelhouse
         "gmner/examples/demo/examples.jsonl",
         "gmner/runtime/jetson/README.md",
         "gmner/runtime/jetson/Dockerfile",
+        "gmner_rt/models/default/README.md",  # the bundle's model card
+        "gmner/__main__.py",  # python -m gmner
+        "gmner/train/recipes/reference.yaml",  # gmner train --recipe reference
     ):
         assert needed in names, needed
     examples = [
