@@ -29,7 +29,7 @@ from gmner_rt.vision import to_rgb
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT = "Alice Smith visits Paris with Acme"
-KEYS = {"records", "think", "raw", "malformed", "token_ids", "image_size", "timings"}
+KEYS = {"records", "think", "raw", "malformed", "token_ids", "image_size", "model_size", "timings"}
 GREY = (128, 128, 128)
 
 
@@ -177,6 +177,7 @@ def test_extract_json_and_drawing_use_the_oriented_image(
     data = json.loads(capsys.readouterr().out)
     assert set(data) == KEYS
     assert data["image_size"] == [80, 120]
+    assert len(data["model_size"]) == 2 and all(v % 28 == 0 for v in data["model_size"])
     assert isinstance(data["records"], list) and isinstance(data["raw"], str)
     assert 1 <= len(data["token_ids"]) <= 6 and data["timings"]["total"] > 0
     drawn = Image.open(out)
@@ -234,7 +235,7 @@ def test_extract_errors_exit_2_and_name_the_problem(
     batch = tmp_path / "b.jsonl"
     batch.write_text(json.dumps({"image": "gone.png", "text": TEXT}) + "\n", encoding="utf-8")
     assert cli.main(["extract", "--bundle", str(tiny_bundle), "--batch", str(batch)]) == 2
-    assert f"{batch}:1: image {tmp_path / 'gone.png'} not found" in _errors(caplog)
+    assert f"{batch}:1: {tmp_path / 'gone.png'}: image not found" in _errors(caplog)
     with pytest.raises(SystemExit) as exc:
         _extract(tiny_bundle, rotated_jpg, "--text", TEXT, "--max-new-tokens", "0")
     assert exc.value.code == 2
