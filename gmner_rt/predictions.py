@@ -1,12 +1,16 @@
 """The predictions file: JSONL of ``{"img_id": "...", "output": "<model text>"}``.
 
-Boxes in ``output`` are in ORIGINAL image pixels. Written by evaluation runs, read by
-``gmner eval --pred``. This module knows nothing about models or metrics.
+Boxes in ``output`` are in ORIGINAL image pixels. Written by evaluation runs and corpus runs
+(``gmner extract --batch ... --out``), read by ``gmner eval --pred``. A corpus run writes
+``{"img_id": "...", "error": "..."}`` for a row it could not run (an unreadable image): such
+error records are read as no prediction for that id. This module knows nothing about models
+or metrics.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -14,6 +18,8 @@ from pathlib import Path
 from .errors import InputError
 
 __all__ = ["iter_json_objects", "read_predictions", "write_predictions"]
+
+log = logging.getLogger(__name__)
 
 
 def iter_json_objects(path: Path, expected: str) -> Iterator[tuple[str, dict]]:
@@ -41,15 +47,29 @@ def read_predictions(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise InputError(f"{path}: predictions file not found")
     outputs: dict[str, str] = {}
+    errors: set[str] = set()
     for where, row in iter_json_objects(path, "img_id and output"):
         img_id, output = row.get("img_id"), row.get("output")
         if not isinstance(img_id, str) or not img_id:
             raise InputError(f"{where}: field img_id must be a non-empty string, got {img_id!r}")
+        if "output" not in row and isinstance(row.get("error"), str):  # an error record
+            if img_id in outputs or img_id in errors:
+                raise InputError(f"{where}: img_id {img_id!r} appears twice")
+            errors.add(img_id)
+            continue
+        if img_id in errors:
+            raise InputError(f"{where}: img_id {img_id!r} appears twice")
         if not isinstance(output, str):
             raise InputError(f"{where}: field output must be a string, got {type(output).__name__}")
         if img_id in outputs:
             raise InputError(f"{where}: img_id {img_id!r} appears twice")
         outputs[img_id] = output
+    if errors:
+        log.warning(
+            "%s: %d error record(s) (rows the run could not use) count as no prediction",
+            path,
+            len(errors),
+        )
     return outputs
 
 

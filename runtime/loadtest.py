@@ -2,7 +2,7 @@
 with and without dynamic batching, on one bundle.
 
     python -m gmner.runtime.loadtest [--bundle B] [--clients 1,4,16] [--rounds 4] \\
-        [--threads 2] [--max-new-tokens 64] [--json out/load.json]
+        [--min-requests 0] [--threads 2] [--max-new-tokens 64] [--json out/load.json]
 
 For each batching mode it starts its own ``gmner serve`` on a free port of 127.0.0.1 (the
 only address it talks to), warms it with one request, then runs each client count: every
@@ -190,6 +190,8 @@ class LoadTestConfig:
         bundle: the bundle to serve (``--bundle``; None: the embedded default).
         clients: the client counts, each a closed loop of one thread (``--clients``).
         rounds: requests each client sends per run (``--rounds``).
+        min_requests: at least this many requests per run: a run with few clients sends more
+            rounds (``--min-requests``; so that one client's p50 is not one request's).
         threads: the server's onnxruntime intra-op threads (``--threads``).
         max_batch: the batch size with batching on (``--max-batch``); off is 1.
         max_wait_ms: the batching wait (``--max-wait-ms``).
@@ -202,6 +204,7 @@ class LoadTestConfig:
     bundle: Path | None = None
     clients: tuple[int, ...] = (1, 4, 16)
     rounds: int = 4
+    min_requests: int = 0
     threads: int = 2
     max_batch: int = 16
     max_wait_ms: float = 20.0
@@ -215,6 +218,7 @@ class LoadTestConfig:
             raise InputError(f"--clients: counts in [1, 64], got {self.clients}")
         for flag, value, top in (
             ("--rounds", self.rounds, 100),
+            ("--min-requests", max(self.min_requests, 1), 1000),
             ("--threads", self.threads, 256),
             ("--max-batch", self.max_batch, 256),
             ("--max-new-tokens", self.max_new_tokens, 4096),
@@ -329,8 +333,9 @@ def load_test(config: LoadTestConfig, log_path: Path | None = None) -> list[RunR
                 raise RuntimeError(f"warm-up request failed: {warm.status} {warm.body}")
             for clients in config.clients:
                 before = request(server.port, "GET", "/health").body
+                rounds = max(config.rounds, -(-config.min_requests // clients))
                 latencies, errors, seconds = run_clients(
-                    server.port, clients, config.rounds, options, deadline
+                    server.port, clients, rounds, options, deadline
                 )
                 after = request(server.port, "GET", "/health").body
                 batches = after["batches"] - before["batches"]
@@ -394,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, help="bundle to serve (default: the embedded one)")
     parser.add_argument("--clients", type=_ints, default=(1, 4, 16), help="default 1,4,16")
     parser.add_argument("--rounds", type=int, default=4, help="requests per client (default 4)")
+    parser.add_argument(
+        "--min-requests", type=int, default=0, help="at least this many per run (default 0)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="server threads (default 2)")
     parser.add_argument("--max-batch", type=int, default=16, help="batching on (default 16)")
     parser.add_argument("--max-wait-ms", type=float, default=20.0, help="default 20")
@@ -410,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bundle=args.bundle,
             clients=args.clients,
             rounds=args.rounds,
+            min_requests=args.min_requests,
             threads=args.threads,
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,

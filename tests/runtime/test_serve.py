@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import threading
 import time
@@ -233,3 +234,16 @@ def test_sigterm_finishes_every_accepted_request(tmp_path):
     assert "Application shutdown complete" in log  # the drain ended, nothing cut it short
     with pytest.raises(OSError):
         request(server.port, "GET", "/health", timeout=5)
+
+
+def test_the_python_client_in_docs_runs_against_the_server(server, tmp_path, monkeypatch, capsys):
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    heading = docs.index("A Python client with the standard library alone")
+    snippet = re.search(r"```python\n(.*?)```", docs[heading:], re.S).group(1)
+    snippet = snippet.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+    (tmp_path / "photo.jpg").write_bytes(IMAGE)  # a PNG's bytes: the server reads any format
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "docs/serving.md", "exec"), namespace)  # noqa: S102
+    assert namespace["result"]["image_size"] == [336, 336]
+    assert "Ivy Calder PER" in capsys.readouterr().out
