@@ -2,15 +2,18 @@
 with and without dynamic batching, on one bundle.
 
     python -m gmner.runtime.loadtest [--bundle B] [--clients 1,4,16] [--rounds 4] \\
-        [--min-requests 0] [--threads 2] [--max-new-tokens 64] [--json out/load.json]
+        [--min-requests 0] [--repeats 1] [--threads 2] [--max-new-tokens 64] \\
+        [--json out/load.json]
 
 For each batching mode it starts its own ``gmner serve`` on a free port of 127.0.0.1 (the
-only address it talks to), warms it with one request, then runs each client count: every
-client is a thread that sends ``rounds`` requests one after another (closed loop) over the
-shipped example pairs (``examples/demo``). Requests and time are bounded (``--rounds``,
-``--timeout``). It prints one row per (mode, clients): requests, errors, throughput
-(requests/s over the whole run), p50 and p99 latency (p99 of a few dozen requests is about
-their maximum) and the server's mean batch size. Batching off is ``--max-batch 1``.
+only address it talks to) and warms it with one request. Then every (clients, mode) run is
+made ``repeats`` times, the runs taking turns: in a run, every client is a thread that sends
+``rounds`` requests one after another (closed loop) over the shipped example pairs
+(``examples/demo``). Requests and time are bounded (``--rounds``, ``--min-requests``,
+``--repeats``, ``--timeout``). It prints one row per (mode, clients): requests, errors,
+throughput (requests over their wall time), p50 and p99 latency (the p99 of a few dozen
+requests is about their maximum) and the server's mean batch size. Batching off is
+``--max-batch 1``.
 
 It also provides the small HTTP client the tests use (:func:`post_extract`,
 :class:`ServerProcess`): standard library only, so it runs wherever gmner does.
@@ -30,6 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,7 +195,9 @@ class LoadTestConfig:
         clients: the client counts, each a closed loop of one thread (``--clients``).
         rounds: requests each client sends per run (``--rounds``).
         min_requests: at least this many requests per run: a run with few clients sends more
-            rounds (``--min-requests``; so that one client's p50 is not one request's).
+            rounds (``--min-requests``; a multiple of the four example pairs gives every run
+            the same mix of pairs).
+        repeats: how many times every run is made, the runs taking turns (``--repeats``).
         threads: the server's onnxruntime intra-op threads (``--threads``).
         max_batch: the batch size with batching on (``--max-batch``); off is 1.
         max_wait_ms: the batching wait (``--max-wait-ms``).
@@ -205,6 +211,7 @@ class LoadTestConfig:
     clients: tuple[int, ...] = (1, 4, 16)
     rounds: int = 4
     min_requests: int = 0
+    repeats: int = 1
     threads: int = 2
     max_batch: int = 16
     max_wait_ms: float = 20.0
@@ -219,6 +226,7 @@ class LoadTestConfig:
         for flag, value, top in (
             ("--rounds", self.rounds, 100),
             ("--min-requests", max(self.min_requests, 1), 1000),
+            ("--repeats", self.repeats, 20),
             ("--threads", self.threads, 256),
             ("--max-batch", self.max_batch, 256),
             ("--max-new-tokens", self.max_new_tokens, 4096),
@@ -321,40 +329,68 @@ def _server_args(config: LoadTestConfig, mode: str) -> list[str]:
 
 
 def load_test(config: LoadTestConfig, log_path: Path | None = None) -> list[RunResult]:
-    """Every (mode, clients) run of ``config``, each mode on its own server."""
+    """Every (mode, clients) run of ``config``. Each mode has its own server, all started
+    (and warmed) first; then the runs take turns, ``repeats`` times over: clients, then mode,
+    innermost. On a shared machine whose speed drifts, the drift then falls on every figure
+    alike. A figure sums its repeats: requests over their summed wall time, the percentiles
+    over all their latencies."""
     deadline = time.monotonic() + config.timeout_s
     options = {"max_new_tokens": config.max_new_tokens, "think": config.think}
-    results = []
     image, text = _pairs()[0]
-    for mode in config.modes:
-        with ServerProcess(_server_args(config, mode), log_path=log_path) as server:
+    runs: dict[tuple[str, int], dict[str, Any]] = {
+        (mode, clients): {"latencies": [], "errors": 0, "seconds": 0.0, "batches": 0, "served": 0}
+        for clients in config.clients
+        for mode in config.modes
+    }
+    with ExitStack() as stack:
+        servers = {}
+        for mode in config.modes:
+            server = stack.enter_context(ServerProcess(_server_args(config, mode), log_path))
             warm = post_extract(server.port, image, text, timeout=config.timeout_s, **options)
             if warm.status != 200:
                 raise RuntimeError(f"warm-up request failed: {warm.status} {warm.body}")
+            servers[mode] = server
+        for repeat in range(config.repeats):
             for clients in config.clients:
-                before = request(server.port, "GET", "/health").body
-                rounds = max(config.rounds, -(-config.min_requests // clients))
-                latencies, errors, seconds = run_clients(
-                    server.port, clients, rounds, options, deadline
-                )
-                after = request(server.port, "GET", "/health").body
-                batches = after["batches"] - before["batches"]
-                served = after["requests"] - before["requests"]
-                result = RunResult(
-                    mode=mode,
-                    clients=clients,
-                    requests=len(latencies),
-                    errors=errors,
-                    seconds=seconds,
-                    throughput=len(latencies) / seconds if seconds > 0 else 0.0,
-                    p50_ms=percentile(latencies, 50),
-                    p99_ms=percentile(latencies, 99),
-                    mean_batch=served / batches if batches else 0.0,
-                    latencies_ms=latencies,
-                )
-                log.info("%s", format_row(result))
-                results.append(result)
-    return results
+                for mode in config.modes:
+                    port = servers[mode].port
+                    before = request(port, "GET", "/health").body
+                    rounds = max(config.rounds, -(-config.min_requests // clients))
+                    latencies, errors, seconds = run_clients(
+                        port, clients, rounds, options, deadline
+                    )
+                    after = request(port, "GET", "/health").body
+                    run = runs[mode, clients]
+                    run["latencies"] += latencies
+                    run["errors"] += errors
+                    run["seconds"] += seconds
+                    run["batches"] += after["batches"] - before["batches"]
+                    run["served"] += after["requests"] - before["requests"]
+                    log.info(
+                        "repeat %d, batching %s, %d clients: %d requests in %.1f s",
+                        repeat + 1,
+                        mode,
+                        clients,
+                        len(latencies),
+                        seconds,
+                    )
+    return [
+        RunResult(
+            mode=mode,
+            clients=clients,
+            requests=len(run["latencies"]),
+            errors=run["errors"],
+            seconds=run["seconds"],
+            throughput=len(run["latencies"]) / run["seconds"] if run["seconds"] > 0 else 0.0,
+            p50_ms=percentile(run["latencies"], 50),
+            p99_ms=percentile(run["latencies"], 99),
+            mean_batch=run["served"] / run["batches"] if run["batches"] else 0.0,
+            latencies_ms=run["latencies"],
+        )
+        for mode in config.modes
+        for (m, clients), run in runs.items()
+        if m == mode
+    ]
 
 
 def format_row(r: RunResult) -> str:
@@ -402,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--min-requests", type=int, default=0, help="at least this many per run (default 0)"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each setting, taking turns (default 1)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="server threads (default 2)")
     parser.add_argument("--max-batch", type=int, default=16, help="batching on (default 16)")
     parser.add_argument("--max-wait-ms", type=float, default=20.0, help="default 20")
@@ -419,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             clients=args.clients,
             rounds=args.rounds,
             min_requests=args.min_requests,
+            repeats=args.repeats,
             threads=args.threads,
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,

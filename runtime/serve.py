@@ -27,6 +27,40 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one request may hold, and how the server answers when it cannot take more.
+
+    Attributes:
+        max_image_bytes: the largest image upload, encoded (``--max-image-bytes``).
+        max_text_chars: the longest text, in characters (``--max-text-chars``).
+        max_new_tokens: the largest ``max_new_tokens`` a request may ask for
+            (``--max-new-tokens-limit``); a request without one gets the bundle's default.
+        retry_after_s: the Retry-After of a 503 (``--retry-after``).
+    """
+
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_text_chars: int = 4000
+    max_new_tokens: int = 1024
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        for flag, value in (
+            ("--max-image-bytes", self.max_image_bytes),
+            ("--max-text-chars", self.max_text_chars),
+            ("--max-new-tokens-limit", self.max_new_tokens),
+            ("--retry-after", self.retry_after_s),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{flag}: expected an integer >= 1, got {value!r}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body: the image as base64, the text with every character
+        escaped in JSON (``\\uXXXX\\uXXXX``), and room for the options and multipart headers."""
+        return (self.max_image_bytes + 2) // 3 * 4 + 12 * self.max_text_chars + 64 * 1024
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Where and how ``gmner serve`` listens.
 
@@ -38,8 +72,7 @@ class ServeConfig:
             (``--drain-timeout``).
         access_log: log one line per request (``--access-log``).
         batch: how requests are batched (:class:`~gmner.runtime.batching.BatchConfig`).
-        limits: what a request may hold (:class:`~gmner.runtime.server.Limits`); None: the
-            defaults, with the bundle's default max_new_tokens as the ceiling.
+        limits: what a request may hold (:class:`Limits`).
     """
 
     host: str = "127.0.0.1"
@@ -47,7 +80,7 @@ class ServeConfig:
     drain_timeout_s: float = 300.0
     access_log: bool = False
     batch: BatchConfig = field(default_factory=BatchConfig)
-    limits: object | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host.strip():
@@ -126,8 +159,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, default_max_new_tokens: int) -> ServeConfig:
     """The :class:`ServeConfig` the flags describe."""
-    from .server import Limits
-
     return ServeConfig(
         host=args.host,
         port=args.port,

@@ -22,7 +22,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from starlette.applications import Starlette
@@ -38,48 +38,15 @@ from gmner_rt.images import check_pixel_count
 from gmner_rt.vision import to_rgb
 
 from .batching import BatchConfig, Batcher, QueueFull
+from .serve import Limits
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Limits", "create_app"]
+__all__ = ["create_app", "model_info"]
 
 #: Decoding options a request may set, and how a form field's string becomes each.
 OPTIONS = ("think", "think_budget", "constrained", "jump_forward", "max_new_tokens")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may hold, and how the server answers when it cannot take more.
-
-    Attributes:
-        max_image_bytes: the largest image upload, encoded (``--max-image-bytes``).
-        max_text_chars: the longest text, in characters (``--max-text-chars``).
-        max_new_tokens: the largest ``max_new_tokens`` a request may ask for
-            (``--max-new-tokens-limit``); a request without one gets the bundle's default.
-        retry_after_s: the Retry-After of a 503 (``--retry-after``).
-    """
-
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_text_chars: int = 4000
-    max_new_tokens: int = 1024
-    retry_after_s: int = 1
-
-    def __post_init__(self) -> None:
-        for flag, value in (
-            ("--max-image-bytes", self.max_image_bytes),
-            ("--max-text-chars", self.max_text_chars),
-            ("--max-new-tokens-limit", self.max_new_tokens),
-            ("--retry-after", self.retry_after_s),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{flag}: expected an integer >= 1, got {value!r}")
-
-    @property
-    def max_body_bytes(self) -> int:
-        """The largest request body: the image as base64, the text with every character
-        escaped in JSON (``\\uXXXX\\uXXXX``), and room for the options and multipart headers."""
-        return (self.max_image_bytes + 2) // 3 * 4 + 12 * self.max_text_chars + 64 * 1024
 
 
 class _HTTPError(Exception):
@@ -299,6 +266,8 @@ def create_app(
         except GmnerError as exc:
             log.error("request failed: %s", exc)
             return _error(500, str(exc))
+        except Exception as exc:  # a backend crash or a bug: logged by the batcher
+            return _error(500, f"internal error ({type(exc).__name__}); see the server's log")
         return JSONResponse(
             done.extraction.to_dict(), headers={"X-Gmner-Batch-Size": str(done.batch_size)}
         )

@@ -18,6 +18,7 @@ from gmner.train.synth import write_synth
 import gmner_rt
 from gmner_rt.data import load_split
 from gmner_rt.errors import InputError
+from gmner_rt.predictions import read_predictions
 
 DECODING = {"max_new_tokens": 160}
 
@@ -135,5 +136,19 @@ def test_ray_data_gives_the_single_process_predictions(split, single, local_ray,
     report = extract_corpus(
         split / "pairs.jsonl", out, decoding=DECODING, batch_size=3, ray=True, workers=2
     )
-    assert (report.rows, report.skipped, report.written, report.errors) == (12, 0, 10, 2), out.read_text()
+    assert (report.rows, report.skipped, report.written, report.errors) == (12, 0, 10, 2), (
+        out.read_text()
+    )
     assert _records(out) == _records(single)
+
+
+def test_error_records_are_read_as_no_prediction(tmp_path, caplog):
+    pred = tmp_path / "pred.jsonl"
+    ok = {"img_id": "a", "output": "<answer>None</answer>"}
+    failed = {"img_id": "b", "error": "images/b.png: image not found"}
+    pred.write_text(json.dumps(ok) + "\n" + json.dumps(failed) + "\n")
+    assert read_predictions(pred) == {"a": "<answer>None</answer>"}
+    assert "1 error record(s)" in caplog.text
+    pred.write_text(json.dumps(failed) + "\n" + json.dumps({**ok, "img_id": "b"}) + "\n")
+    with pytest.raises(InputError, match=r"pred.jsonl:2: img_id 'b' appears twice"):
+        read_predictions(pred)
