@@ -12,8 +12,9 @@ made ``repeats`` times, the runs taking turns: in a run, every client is a threa
 (``examples/demo``). Requests and time are bounded (``--rounds``, ``--min-requests``,
 ``--repeats``, ``--timeout``). It prints one row per (mode, clients): requests, errors,
 throughput (requests over their wall time), p50 and p99 latency (the p99 of a few dozen
-requests is about their maximum) and the server's mean batch size. Batching off is
-``--max-batch 1``.
+requests is about their maximum), the server's mean batch size, and from the answers' timings
+the mean generated tokens per request and the mean prefill and decode seconds of the batches
+that answered them. Batching off is ``--max-batch 1``.
 
 It also provides the small HTTP client the tests use (:func:`post_extract`,
 :class:`ServerProcess`): standard library only, so it runs wherever gmner does.
@@ -254,6 +255,9 @@ class RunResult:
     p50_ms: float
     p99_ms: float
     mean_batch: float
+    mean_tokens: float
+    mean_prefill_s: float
+    mean_decode_s: float
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
 
@@ -275,11 +279,12 @@ def _pairs() -> list[tuple[bytes, str]]:
 
 def run_clients(
     port: int, clients: int, rounds: int, options: Mapping[str, Any], deadline: float
-) -> tuple[list[float], int, float]:
+) -> tuple[list[float], int, float, list[dict]]:
     """``clients`` threads, each sending ``rounds`` requests in turn: (latencies in ms of the
-    answered ones, errors, wall seconds)."""
+    answered ones, errors, wall seconds, the answers' timings)."""
     pairs = _pairs()
     latencies: list[float] = []
+    timings: list[dict] = []
     errors = [0]
     lock = threading.Lock()
 
@@ -301,6 +306,7 @@ def run_clients(
             with lock:
                 if ok:
                     latencies.append(elapsed)
+                    timings.append(reply.body["timings"])
                 else:
                     errors[0] += 1
 
@@ -310,7 +316,7 @@ def run_clients(
         t.start()
     for t in threads:
         t.join()
-    return latencies, errors[0], time.perf_counter() - started
+    return latencies, errors[0], time.perf_counter() - started, timings
 
 
 def _server_args(config: LoadTestConfig, mode: str) -> list[str]:
@@ -338,7 +344,14 @@ def load_test(config: LoadTestConfig, log_path: Path | None = None) -> list[RunR
     options = {"max_new_tokens": config.max_new_tokens, "think": config.think}
     image, text = _pairs()[0]
     runs: dict[tuple[str, int], dict[str, Any]] = {
-        (mode, clients): {"latencies": [], "errors": 0, "seconds": 0.0, "batches": 0, "served": 0}
+        (mode, clients): {
+            "latencies": [],
+            "errors": 0,
+            "seconds": 0.0,
+            "batches": 0,
+            "served": 0,
+            "timings": [],
+        }
         for clients in config.clients
         for mode in config.modes
     }
@@ -356,12 +369,13 @@ def load_test(config: LoadTestConfig, log_path: Path | None = None) -> list[RunR
                     port = servers[mode].port
                     before = request(port, "GET", "/health").body
                     rounds = max(config.rounds, -(-config.min_requests // clients))
-                    latencies, errors, seconds = run_clients(
+                    latencies, errors, seconds, timings = run_clients(
                         port, clients, rounds, options, deadline
                     )
                     after = request(port, "GET", "/health").body
                     run = runs[mode, clients]
                     run["latencies"] += latencies
+                    run["timings"] += timings
                     run["errors"] += errors
                     run["seconds"] += seconds
                     run["batches"] += after["batches"] - before["batches"]
@@ -385,6 +399,9 @@ def load_test(config: LoadTestConfig, log_path: Path | None = None) -> list[RunR
             p50_ms=percentile(run["latencies"], 50),
             p99_ms=percentile(run["latencies"], 99),
             mean_batch=run["served"] / run["batches"] if run["batches"] else 0.0,
+            mean_tokens=_mean(t["tokens"] for t in run["timings"]),
+            mean_prefill_s=_mean(t.get("prefill", 0.0) for t in run["timings"]),
+            mean_decode_s=_mean(t.get("decode", 0.0) for t in run["timings"]),
             latencies_ms=run["latencies"],
         )
         for mode in config.modes
@@ -393,18 +410,25 @@ def load_test(config: LoadTestConfig, log_path: Path | None = None) -> list[RunR
     ]
 
 
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
 def format_row(r: RunResult) -> str:
     return (
-        f"| {r.mode} | {r.clients} | {r.requests} | {r.errors} | {r.throughput:.2f} | "
-        f"{r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.mean_batch:.2f} |"
+        f"| {r.mode} | {r.clients} | {r.requests} | {r.errors} | {r.throughput:.3g} | "
+        f"{r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.mean_batch:.2f} | {r.mean_tokens:.0f} | "
+        f"{r.mean_prefill_s:.2f} | {r.mean_decode_s:.2f} |"
     )
 
 
 def format_table(results: Sequence[RunResult]) -> str:
     """A Markdown table, then each batching mode's throughput at N clients over 1 client's."""
     lines = [
-        "| batching | clients | requests | errors | req/s | p50 ms | p99 ms | mean batch |",
-        "|---|---|---|---|---|---|---|---|",
+        "| batching | clients | requests | errors | req/s | p50 ms | p99 ms | mean batch | "
+        "tokens | prefill s | decode s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [format_row(r) for r in results]
     for mode in ("off", "on"):
