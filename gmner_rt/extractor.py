@@ -334,9 +334,25 @@ class Extractor:
         jump_forward: bool = True,
         max_new_tokens: int | None = None,
         logits_hook: LogitsHook | None = None,
+        batch_size: int | None = None,
     ) -> list[Extraction]:
-        """``extract`` for several pairs in one left-padded batch (batches of at most the
-        TensorRT profiles' ``max_batch`` when they apply)."""
+        """``extract`` for several pairs, decoded in left-padded batches.
+
+        Each pair's result equals its own ``extract`` (the batch changes no row's tokens).
+
+        Args:
+            batch_size: pairs per decoder batch: a long list runs as consecutive batches of
+                at most this many (None: one batch for the whole list). The TensorRT
+                profiles' ``max_batch``, when they apply, caps it.
+            others: as :meth:`extract`.
+        """
+        if batch_size is not None:
+            try:  # ints and numpy integers; not "4", 2.0 or True
+                size = 0 if isinstance(batch_size, bool) else operator.index(batch_size)
+            except TypeError:
+                size = 0
+            if size < 1:
+                raise InputError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
         if think not in ("on", "off", "auto"):
             raise InputError(f"think: expected 'on', 'off' or 'auto', got {think!r}")
         if think_budget is not None and not constrained:
@@ -353,7 +369,10 @@ class Extractor:
             raise InputError(f"max_new_tokens: expected an integer >= 0, got {limit!r}") from None
         if limit < 0:
             raise InputError(f"max_new_tokens: expected an integer >= 0, got {limit!r}")
-        size = self.limits.max_batch if self.limits is not None else len(pairs)
+        size = min(
+            len(pairs) if batch_size is None else size,
+            self.limits.max_batch if self.limits is not None else len(pairs),
+        )
         out: list[Extraction] = []
         for start in range(0, len(pairs), size):
             chunk = pairs[start : start + size]

@@ -1,14 +1,18 @@
 """The predictions file: JSONL of ``{"img_id": "...", "output": "<model text>"}``.
 
-Boxes in ``output`` are in ORIGINAL image pixels. Rows written by gmner's evaluation runs also
-carry the model's text as generated (``raw``, boxes in MODEL pixels) with ``image_size`` and
-``model_size`` (``[w, h]``), which the ``e2e`` protocol scores as the reference code does.
-Read by ``gmner eval --pred``. This module knows nothing about models or metrics.
+Boxes in ``output`` are in ORIGINAL image pixels. Rows written by gmner's evaluation and corpus
+runs also carry the model's text as generated (``raw``, boxes in MODEL pixels) with
+``image_size`` and ``model_size`` (``[w, h]``), which the ``e2e`` protocol scores as the
+reference code does. A corpus run (``gmner extract --batch ... --out``) writes
+``{"img_id": "...", "error": "..."}`` for a row it could not run (an unreadable image): such
+error records are read as no prediction for that id. Read by ``gmner eval --pred``. This module
+knows nothing about models or metrics.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -46,6 +50,8 @@ class ModelText:
             "model_size": list(self.model_size),
         }
 
+log = logging.getLogger(__name__)
+
 
 def iter_json_objects(path: Path, expected: str) -> Iterator[tuple[str, dict]]:
     """``(file:line, object)`` for each non-blank line of a JSONL file of objects.
@@ -72,15 +78,29 @@ def read_predictions(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise InputError(f"{path}: predictions file not found")
     outputs: dict[str, str] = {}
+    errors: set[str] = set()
     for where, row in iter_json_objects(path, "img_id and output"):
         img_id, output = row.get("img_id"), row.get("output")
         if not isinstance(img_id, str) or not img_id:
             raise InputError(f"{where}: field img_id must be a non-empty string, got {img_id!r}")
+        if "output" not in row and isinstance(row.get("error"), str):  # an error record
+            if img_id in outputs or img_id in errors:
+                raise InputError(f"{where}: img_id {img_id!r} appears twice")
+            errors.add(img_id)
+            continue
+        if img_id in errors:
+            raise InputError(f"{where}: img_id {img_id!r} appears twice")
         if not isinstance(output, str):
             raise InputError(f"{where}: field output must be a string, got {type(output).__name__}")
         if img_id in outputs:
             raise InputError(f"{where}: img_id {img_id!r} appears twice")
         outputs[img_id] = output
+    if errors:
+        log.warning(
+            "%s: %d error record(s) (rows the run could not use) count as no prediction",
+            path,
+            len(errors),
+        )
     return outputs
 
 

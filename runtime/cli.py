@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "gmner.runtime.extract",
         "extract grounded entities from an image and a text with a bundle",
     ),
+    "serve": (
+        "gmner.runtime.serve",
+        "serve a bundle over HTTP (POST /v1/extract) with dynamic batching",
+    ),
     "time": (
         "gmner.runtime.timing",
         "time a bundle with gmner_rt alone: time to first token, decode tokens/s, latency",
@@ -82,6 +86,13 @@ _EXTRA_OF = {
     "onnxruntime": "[cpu] or [gpu]",
     "onnxruntime_genai": "the gmner-bench package (./bench)",
     "matplotlib": "the gmner-bench package (./bench)",
+    "starlette": "[serve]",
+    "uvicorn": "[serve]",
+    "multipart": "[serve]",
+    "python_multipart": "[serve]",
+    "ray": "[ray]",
+    "pyarrow": "[ray]",
+    "pandas": "[ray]",
 }
 
 

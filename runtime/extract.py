@@ -5,6 +5,7 @@
     gmner extract --bundle B --image photo.jpg --text "..." --draw out.png  # boxes drawn
     gmner extract --bundle B --batch pairs.jsonl --batch-size 8             # one JSON line each
     gmner extract --provider cuda --image photo.jpg --text "..."            # on the GPU
+    gmner extract --batch pairs.jsonl --out preds.jsonl [--ray --workers 4] # a corpus, resumable
 
 What it prints is the program's output (stdout); diagnostics go to logging (stderr). Only
 gmner_rt is used: no torch, no transformers.
@@ -61,6 +62,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=positive_int, default=4, help="pairs per batch (default 4)"
     )
+    corpus = parser.add_argument_group(
+        "corpus scale (--batch with --out; rows need an id)",
+        "write the predictions JSONL that gmner eval --pred reads; a rerun skips ids already "
+        "written; a row whose image or text is unusable becomes an error record",
+    )
+    corpus.add_argument("--out", type=Path, help="predictions JSONL to write (appended to)")
+    corpus.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray Data, one extractor actor per worker ([ray] extra); RAY_ADDRESS or "
+        "--ray-address joins a cluster, else a local instance starts",
+    )
+    corpus.add_argument(
+        "--workers", type=positive_int, help="Ray actors, each loading the bundle once (default 2)"
+    )
+    corpus.add_argument("--ray-address", help="the Ray cluster to join (default: $RAY_ADDRESS)")
     parser.add_argument("--json", action="store_true", help="print the extraction as JSON")
     parser.add_argument("--draw", type=Path, help="write the image with the boxes drawn here")
     add_decoding_arguments(parser)
@@ -299,6 +316,12 @@ def _run_batch(args: argparse.Namespace) -> int:
     if given:
         flags = ", ".join("--" + f.replace("_", "-") for f in given)
         raise InputError(f"--batch takes its images and texts from the file; drop {flags}")
+    if args.out is not None:
+        return _run_corpus(args)
+    ray_flags = [f for f in ("ray", "workers", "ray_address") if getattr(args, f)]
+    if ray_flags:
+        flag = "--" + ray_flags[0].replace("_", "-")
+        raise InputError(f"{flag} writes predictions: add --out FILE")
     rows = read_batch(args.batch)
     extractor = load_extractor(args.bundle, **load_options(args))
     started = time.perf_counter()
@@ -313,7 +336,34 @@ def _run_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_corpus(args: argparse.Namespace) -> int:
+    from .corpus import extract_corpus
+
+    if not args.ray and (args.workers or args.ray_address):
+        raise InputError("--workers / --ray-address apply to --ray only")
+    if args.bundle is not None and not args.bundle.is_dir():
+        raise BundleError(f"--bundle {args.bundle}: folder not found")
+    report = extract_corpus(
+        args.batch,
+        args.out,
+        bundle=args.bundle,
+        load=load_options(args),
+        decoding=decoding_options(args),
+        batch_size=args.batch_size,
+        ray=args.ray,
+        workers=args.workers or 2,
+        ray_address=args.ray_address,
+    )
+    print(
+        f"{report.written} predictions, {report.errors} error records written to {args.out} "
+        f"({report.skipped} of {report.rows} rows were there already) in {report.seconds:.1f} s"
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None and args.batch is None:
+        raise InputError("--out writes the predictions of a --batch file; add --batch FILE")
     if args.batch is not None:
         return _run_batch(args)
     if args.image is None:
