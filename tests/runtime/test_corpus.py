@@ -63,7 +63,13 @@ def test_each_prediction_is_its_pairs_own_extract_and_bad_rows_are_error_records
         if row["id"] in ("missing", "broken"):
             continue
         own = extractor.extract(Path(row["image"]), row["text"], **DECODING)
-        assert records[row["id"]] == {"img_id": row["id"], "output": prediction_output(own)}
+        assert records[row["id"]] == {
+            "img_id": row["id"],
+            "output": prediction_output(own),
+            "raw": own.raw,  # the text as generated, for the e2e protocol
+            "image_size": list(own.image_size),
+            "model_size": list(own.model_size),
+        }
     assert "not found" in records["missing"]["error"]
     assert "not a readable image" in records["broken"]["error"]
 
@@ -72,6 +78,8 @@ def test_gmner_eval_reads_the_predictions(split, single):
     report = score_file(split, "test", single)
     assert report.tweets == 10 and report.missing == 0
     assert report.gmner.predicted > 0 and report.mner.f1 > 0.5  # the demo model's own domain
+    e2e = score_file(split, "test", single, "e2e")  # the raw texts are there for it too
+    assert e2e.protocol == "e2e" and e2e.gmner.predicted == report.gmner.predicted
 
 
 def test_a_rerun_skips_written_ids_and_a_torn_line_is_cut(split, single, tmp_path):
