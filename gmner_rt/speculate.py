@@ -4,7 +4,8 @@ A GMNER output copies its input: mentions are words of the tweet, and the reason
 mention names and the record scaffolding. :class:`Drafter` keeps, per row, an index of every
 n-gram (``min_ngram`` to ``max_ngram`` tokens) of the prompt's text tokens and of the tokens
 generated so far, mapped to where it last occurred; the draft is what followed the latest
-earlier occurrence of the longest suffix of the row that occurred before. Indexing a token
+earlier occurrence of the longest suffix of the row that occurred before (continued into the
+draft itself when that occurrence is close to the end: a repeated span is drafted whole). Indexing a token
 costs ``max_ngram`` dictionary writes, a lookup as many reads: nothing grows with the text.
 
 How many tokens to draft adapts per row (:meth:`Drafter.record`): +2 after a draft was wholly
@@ -106,7 +107,12 @@ class Drafter:
         for n in range(min(self.settings.max_ngram, len(seq)), self.settings.min_ngram - 1, -1):
             end = self._index.get(tuple(seq[len(seq) - n :]))
             if end is not None:
-                return seq[end + 1 : end + 1 + self.length]
+                # copy what followed; a match close to the end continues into the draft
+                # itself (a repeated span is drafted whole)
+                draft: list[int] = []
+                for at in range(end + 1, end + 1 + self.length):
+                    draft.append(seq[at] if at < len(seq) else draft[at - len(seq)])
+                return draft
         return []
 
     def record(self, drafted: int, accepted: int) -> None:
