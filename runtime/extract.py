@@ -91,6 +91,12 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         help="feed the text the grammar forces one token per step",
     )
     group.add_argument(
+        "--no-speculate",
+        action="store_true",
+        help="decode without prompt-lookup drafts (same tokens; one decoder call per chosen "
+        "token)",
+    )
+    group.add_argument(
         "--max-new-tokens", type=positive_int, help="generation limit (default: the bundle's)"
     )
 
@@ -152,6 +158,7 @@ def decoding_options(args: argparse.Namespace) -> dict:
         "constrained": not args.unconstrained,
         "jump_forward": not args.no_jump_forward,
         "max_new_tokens": args.max_new_tokens,
+        "speculate": not args.no_speculate,
     }
 
 
