@@ -140,7 +140,10 @@ def _pairs(args) -> list[tuple[object, str]]:
     if args.data is None:
         return bench_pairs(args.limit or 4)
     tweets = load_split(args.data, args.split)[: args.limit]
-    return [(path, tweet.text) for tweet, path in tweet_images(tweets, [args.images], False)]
+    return [
+        (path, tweet.text)
+        for tweet, path in tweet_images(tweets, [args.images], skip_missing=False)
+    ]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -174,7 +177,9 @@ def run(args: argparse.Namespace) -> dict:
     for index, (image, text) in enumerate(pairs):
         names = list(variants)
         names = names[index % len(names) :] + names[: index % len(names)]
-        ids = {name: _gmner(extractor, tallies[name], image, text, variants[name]) for name in names}
+        ids = {
+            name: _gmner(extractor, tallies[name], image, text, variants[name]) for name in names
+        }
         for plain in ("gmner_rt", "gmner_rt unconstrained"):
             fast = next(n for n in variants if n.startswith(plain) and n.endswith("speculation"))
             if ids[plain] != ids[fast]:

@@ -836,9 +836,7 @@ def parse_manifest(data: dict, *, source: str = MANIFEST_NAME) -> Manifest:
     g = f.section("graphs", GRAPH_NAMES)
     exporter = f.section("exporter", None)
     known = {"format", *_keys(Manifest)} - {"extra"}
-    graphs = {
-        n: _graph(g.section(n, _keys(GraphSpec)), n, kv, files, version) for n in GRAPH_NAMES
-    }
+    graphs = {n: _graph(g.section(n, _keys(GraphSpec)), n, kv, files, version) for n in GRAPH_NAMES}
     image_processor = _image_processor(f.section("image_processor", _IMAGE_KEYS), model.vision)
     return Manifest(
         format_version=version,

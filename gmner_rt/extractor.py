@@ -311,7 +311,7 @@ class Extractor:
         jump_forward: bool = True,
         max_new_tokens: int | None = None,
         logits_hook: LogitsHook | None = None,
-        speculate: bool = True,
+        speculate: bool = False,
     ) -> Extraction:
         """Entities of ``text`` with their boxes in ``image`` (path, bytes, PIL, or array).
 
@@ -328,7 +328,9 @@ class Extractor:
             logits_hook: ``hook(logits [B, vocab], state) -> logits``, before the grammar.
             speculate: draft tokens by prompt lookup and verify them in one decoder call
                 (:mod:`gmner_rt.speculate`): the same tokens in fewer calls. Needs a bundle of
-                format 2; ignored with a ``logits_hook`` and under TensorRT profiles.
+                format 2; ignored with a ``logits_hook`` and under TensorRT profiles. Off by
+                default: on the demo model it was slower than plain decoding (few drafts
+                accepted; docs/benchmarks.md).
         """
         return self.extract_batch(
             [(image, text)],
@@ -351,7 +353,7 @@ class Extractor:
         jump_forward: bool = True,
         max_new_tokens: int | None = None,
         logits_hook: LogitsHook | None = None,
-        speculate: bool = True,
+        speculate: bool = False,
     ) -> list[Extraction]:
         """``extract`` for several pairs in one left-padded batch (batches of at most the
         TensorRT profiles' ``max_batch`` when they apply)."""

@@ -5,8 +5,9 @@ mention names and the record scaffolding. :class:`Drafter` keeps, per row, an in
 n-gram (``min_ngram`` to ``max_ngram`` tokens) of the prompt's text tokens and of the tokens
 generated so far, mapped to where it last occurred; the draft is what followed the latest
 earlier occurrence of the longest suffix of the row that occurred before (continued into the
-draft itself when that occurrence is close to the end: a repeated span is drafted whole). Indexing a token
-costs ``max_ngram`` dictionary writes, a lookup as many reads: nothing grows with the text.
+draft itself when that occurrence is close to the end: a repeated span is drafted whole).
+Indexing a token costs ``max_ngram`` dictionary writes, a lookup as many reads: nothing grows
+with the text.
 
 How many tokens to draft adapts per row (:meth:`Drafter.record`): +2 after a draft was wholly
 accepted (up to ``max_draft``), down to what was accepted plus one after a partial one, and
