@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
 
         model, bundle = prepare_preset(args.preset, args.cache)
         model = model if args.model_too else None
-    extractor = gmner_rt.load(bundle, threads=args.threads)
+    extractor = gmner_rt.load(bundle, provider=args.provider, threads=args.threads)
     if not extractor.backend.verifies_drafts:
         raise GmnerError(f"{bundle}: a format-1 bundle cannot verify drafts; re-export it")
     pairs = _pairs(args)
@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=positive_int, help="the first N requests only")
     parser.add_argument("--threads", type=positive_int, help="onnxruntime / torch threads")
     parser.add_argument("--think", choices=("on", "off", "auto"), default="on")
+    parser.add_argument("--provider", choices=("cpu", "cuda"), help="gmner_rt's provider")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256)
     parser.add_argument("--lookup", type=positive_int, default=10,
                         help="hf's prompt_lookup_num_tokens")  # fmt: skip
