@@ -109,8 +109,10 @@ def test_a_format_1_bundle_loads_and_decodes_without_speculation(tiny_bundle, tm
     assert v1.bundle.manifest.format_version == 1
     assert not v1.bundle.verifies_drafts and not v1.backend.verifies_drafts
     image, text = _pairs()[0]
-    old = v1.extract(image, text, think="on", constrained=False, max_new_tokens=64)
-    new = v2.extract(image, text, think="on", constrained=False, max_new_tokens=64)
+    old = v1.extract(image, text, think="on", constrained=False, max_new_tokens=64,
+                     speculate=True)  # fmt: skip
+    new = v2.extract(image, text, think="on", constrained=False, max_new_tokens=64,
+                     speculate=True)  # fmt: skip
     plain = v2.extract(image, text, think="on", constrained=False, max_new_tokens=64,
                        speculate=False)  # fmt: skip
     assert old.token_ids == new.token_ids == plain.token_ids
