@@ -53,6 +53,8 @@ def _feeds(session, embeds: np.ndarray, past: list[np.ndarray] | None, total: in
         "attention_mask": np.ones((1, total), dtype=np.int64),
         "position_ids": np.tile(np.arange(start, total, dtype=np.int64), (3, 1, 1)),
     }
+    if any(i.name == "logits_index" for i in session.get_inputs()):  # format 2: last position
+        feeds["logits_index"] = np.array([embeds.shape[1] - 1], dtype=np.int64)
     cache = [i for i in session.get_inputs() if i.name.startswith("past_")]
     for index, spec in enumerate(cache):
         empty = np.zeros((1, spec.shape[1], 0, spec.shape[3]), dtype=embeds.dtype)

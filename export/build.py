@@ -25,7 +25,7 @@ import yaml
 from gmner.train.config import checkpoint_config, load_config
 
 from gmner_rt import progress
-from gmner_rt.bundle import TOKENIZER_NAME, file_entry, load_bundle, write_manifest
+from gmner_rt.bundle import FORMAT_VERSION, TOKENIZER_NAME, file_entry, load_bundle, write_manifest
 from gmner_rt.data import LABELS
 from gmner_rt.prompt import PROMPT_STYLES, prompt_style
 from gmner_rt.records import RECORD_FORMAT_VERSION
@@ -304,7 +304,7 @@ def manifest_data(
     }
     return {
         "format": "gmner-bundle",
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "model": _model_info(config, options),
         "kv_cache": {

@@ -9,8 +9,9 @@ with an I/O contract an ONNX or TensorRT graph can hold (see ``docs/bundle.md``)
   variable-length attention is a block-diagonal additive mask built from the segment bounds;
 * the 3-row M-RoPE position ids come from the host; the graph turns them into cos/sin;
 * the decoder takes an explicit past KV cache and a 2-D key-padding mask and builds the
-  causal mask itself (offset by the past length); it returns logits for the last position only
-  (prefill never materialises ``[B, T, vocab]``).
+  causal mask itself (offset by the past length); it returns logits only for the positions
+  ``logits_index`` names (prefill asks for the last one, so it never materialises
+  ``[B, T, vocab]``; a speculative verification step asks for the last K).
 
 Attention is written out (scores, fp32 softmax, weighted sum) rather than through SDPA, so the
 exported graph is the same for prefill and decode and keeps softmax in fp32 in an fp16 graph.
@@ -168,12 +169,15 @@ class EmbeddingGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """The text decoder with an explicit KV cache; logits of the last position only.
+    """The text decoder with an explicit KV cache; logits of the positions asked for only.
 
     Inputs: ``inputs_embeds [B, T, hidden]``, ``attention_mask [B, P+T]`` (1 real, 0 padding),
-    ``position_ids [3, B, T]`` (M-RoPE rows t, h, w), then ``past_key_i, past_value_i
-    [B, kv_heads, P, head_dim]`` for each layer. Outputs: ``logits [B, 1, vocab]``, then
-    ``present_key_i, present_value_i [B, kv_heads, P+T, head_dim]``.
+    ``position_ids [3, B, T]`` (M-RoPE rows t, h, w), ``logits_index [K]`` (positions within
+    the call, ``0 <= i < T``, whose logits are returned: ``[T-1]`` for prefill and a plain
+    step, the last K to verify K-1 drafted tokens), then ``past_key_i, past_value_i
+    [B, kv_heads, P, head_dim]`` for each layer. Outputs: ``logits [B, K, vocab]``, then
+    ``present_key_i, present_value_i [B, kv_heads, P+T, head_dim]``. K is the length of an
+    input, not a value inside one, so every shape stays inferable (TensorRT profiles, dynamo).
     """
 
     def __init__(self, model: nn.Module):
@@ -193,7 +197,7 @@ class DecoderGraph(nn.Module):
             persistent=False,
         )
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, inputs_embeds, attention_mask, position_ids, logits_index, *past):
         length = inputs_embeds.shape[1]
         cos, sin = self._rotary(position_ids, inputs_embeds.dtype)  # [B, 1, T, d]
         mask = self._mask(attention_mask, length)  # [B, 1, T, P+T]
@@ -207,7 +211,8 @@ class DecoderGraph(nn.Module):
             presents += [key, value]
             hidden = hidden + attn_out
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        logits = self.lm_head(self.norm(hidden[:, -1:, :]))
+        kept = torch.index_select(hidden, 1, logits_index)  # [B, K, hidden]
+        logits = self.lm_head(self.norm(kept))
         return (logits, *presents)
 
     def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):

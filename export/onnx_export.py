@@ -42,6 +42,8 @@ OPSET = 18
 GRAPH_NAMES = ("vision", "embedding", "decoder")
 EXPORTERS = ("torchscript", "dynamo")
 TWO_GB = 2_000_000_000
+#: The decoder's inputs before its past K/V tensors (its ``forward``'s positional arguments).
+DECODER_HEAD_INPUTS = ("inputs_embeds", "attention_mask", "position_ids", "logits_index")
 _ONNX_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 #: Activations above this in an fp32 probe overflow-risk fp16 (max 65504) after a few layers.
 FP16_SAFE_ACTIVATION = 65504.0 / 8
@@ -110,9 +112,13 @@ def graph_specs(config, dtype: str) -> dict[str, dict[str, list[dict]]]:
                 _tensor("inputs_embeds", dtype, ["batch", "sequence", text.hidden_size]),
                 _tensor("attention_mask", "int64", ["batch", "total_sequence"]),
                 _tensor("position_ids", "int64", [3, "batch", "sequence"]),
+                _tensor("logits_index", "int64", ["num_logits"]),
                 *past,
             ],
-            "outputs": [_tensor("logits", dtype, ["batch", 1, text.vocab_size]), *present],
+            "outputs": [
+                _tensor("logits", dtype, ["batch", "num_logits", text.vocab_size]),
+                *present,
+            ],
         },
     }
 
@@ -208,7 +214,8 @@ def _embedding_args() -> tuple[torch.Tensor, ...]:
 
 
 def _decoder_args(config, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Tracing inputs: batch 2, sequence 5, past 3 (no dim of size 0 or 1)."""
+    """Tracing inputs: batch 2, sequence 5, past 3, logits of the last 2 positions (no dim of
+    size 0 or 1)."""
     text = config.text_config
     batch, length, past = 2, 5, 3
     head_dim = text.hidden_size // text.num_attention_heads
@@ -221,6 +228,7 @@ def _decoder_args(config, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         torch.randn(batch, length, text.hidden_size, generator=generator).to(dtype),
         torch.ones(batch, past + length, dtype=torch.int64),
         torch.arange(length).repeat(3, batch, 1),
+        torch.arange(length - 2, length, dtype=torch.int64),
         *kv,
     )
 
@@ -255,8 +263,10 @@ def _torch_export(module, args, spec: dict, path: Path, settings: ExportSettings
         if settings.exporter == "dynamo":
             shapes = _dynamo_shapes(spec)
             # the decoder's *past is one positional tuple for torch.export
-            fixed = [shapes[n] for n in names_in[:3]] if len(names_in) > 6 else None
-            dynamic = (*fixed, tuple(shapes[n] for n in names_in[3:])) if fixed else shapes
+            head = len(DECODER_HEAD_INPUTS)
+            decoder = names_in[:head] == list(DECODER_HEAD_INPUTS)
+            fixed = [shapes[n] for n in names_in[:head]] if decoder else None
+            dynamic = (*fixed, tuple(shapes[n] for n in names_in[head:])) if fixed else shapes
             program = torch.onnx.export(
                 module,
                 args,

@@ -3,7 +3,9 @@
 On probe inputs (images of several sizes and aspect ratios; batch 1 and batch 2 with left
 padding) it compares, per graph and tensor: the vision tower's image embeddings, the token
 embeddings, the decoder's logits and every present K/V tensor at prefill and at one decode
-step (real positions only: what a padded position holds is never read). The error of each is
+step (real positions only: what a padded position holds is never read), and the logits of all
+:data:`VERIFY_TOKENS` positions of one call that feeds that many greedy tokens at once (what a
+speculative step verifies; format-2 decoders). The error of each is
 ``max |ort - torch|`` and that over ``max |torch|``; a tensor passes when the relative error is
 within :data:`TOLERANCES` for the export dtype. Then 32 greedy tokens from
 :func:`gmner_rt.generate.generate` over the graphs must equal HF ``generate``'s (required in
@@ -14,6 +16,7 @@ This module knows nothing about how the graphs were written.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import asdict, dataclass
 
@@ -23,7 +26,7 @@ import torch
 from gmner.train.modeling import library_deprecations_filtered
 
 from gmner_rt.errors import GmnerError
-from gmner_rt.generate import PromptBatch, VisionSpec, generate, step
+from gmner_rt.generate import PromptBatch, VisionSpec, generate, step, step_logits
 from gmner_rt.generate import prefill as rt_prefill
 from gmner_rt.vision import vision_indices
 
@@ -47,6 +50,8 @@ __all__ = [
 #: Largest accepted relative error (max |diff| / max |reference|) per export dtype.
 TOLERANCES = {"float32": 1e-4, "float16": 2e-2}
 GREEDY_STEPS = 32
+#: Tokens fed in the one multi-position call whose every logit row is compared.
+VERIFY_TOKENS = 4
 
 
 class ParityError(GmnerError):
@@ -180,9 +185,10 @@ class Reference:
     enc: dict[str, torch.Tensor]
     image_embeds: np.ndarray
     inputs_embeds: np.ndarray
-    logits: dict[str, np.ndarray]  # "prefill" / "step" -> [B, vocab]
+    logits: dict[str, np.ndarray]  # "prefill" / "step" -> [B, vocab]; "verify" [B, K, vocab]
     kv: dict[str, list[np.ndarray]]  # "prefill" / "step" -> real positions of every K/V
     step_token: np.ndarray  # [B], the token fed at the decode step
+    verify_tokens: np.ndarray  # [B, K], the tokens fed in the multi-position call
     greedy: list[list[int]]  # 32 greedy tokens per row (end of sequence suppressed)
 
 
@@ -210,6 +216,7 @@ def _reference(model, name: str, enc, eos_ids, pad_id) -> Reference:
         prefill = model(**enc, use_cache=True)
         token = prefill.logits[:, -1].argmax(-1)
         prefill_kv = _kv(prefill.past_key_values, mask)  # before the step extends the cache
+        verify_cache = copy.deepcopy(prefill.past_key_values)
         full_mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
         # HF's decode positions: (real tokens so far - 1) + the rope delta of the prompt
         text_pos = torch.from_numpy(full_mask.sum(-1) - 1)
@@ -229,14 +236,30 @@ def _reference(model, name: str, enc, eos_ids, pad_id) -> Reference:
             eos_token_id=list(eos_ids),
             pad_token_id=pad_id,
         )
+        verify_ids = generated[:, enc["input_ids"].shape[1] :][:, :VERIFY_TOKENS]
+        verify_mask = np.concatenate([mask, np.ones_like(verify_ids.numpy())], axis=1)
+        offsets = torch.arange(VERIFY_TOKENS)[None, :]
+        verify_pos = (positions[0] + offsets)[None].expand(3, -1, -1)  # [3, B, K]
+        verified = model(
+            input_ids=verify_ids,
+            attention_mask=torch.from_numpy(verify_mask),
+            position_ids=verify_pos,
+            past_key_values=verify_cache,
+            use_cache=True,
+        )
     return Reference(
         name=name,
         enc=enc,
         image_embeds=_host(torch.cat(image_embeds, dim=0)),
         inputs_embeds=_host(model.model.language_model.embed_tokens(enc["input_ids"])),
-        logits={"prefill": _host(prefill.logits[:, -1]), "step": _host(stepped.logits[:, -1])},
+        logits={
+            "prefill": _host(prefill.logits[:, -1]),
+            "step": _host(stepped.logits[:, -1]),
+            "verify": _host(verified.logits),
+        },
         kv={"prefill": prefill_kv, "step": _kv(stepped.past_key_values, full_mask)},
         step_token=token.numpy().astype(np.int64),
+        verify_tokens=verify_ids.numpy().astype(np.int64),
         greedy=generated[:, enc["input_ids"].shape[1] :].tolist(),
     )
 
@@ -282,6 +305,12 @@ class _Comparer:
         self._step_checks("prefill", logits, state.past, mask)
         logits = step(self.graphs, state, self.ref.step_token)
         self._step_checks("step", logits, state.past, state.attention_mask)
+        if getattr(self.graphs, "verifies_drafts", False):
+            _, state = rt_prefill(self.graphs, self.batch, self.vision)
+            tokens = self.ref.verify_tokens
+            logits = step_logits(self.graphs, state, tokens.tolist(), last=tokens.shape[1])
+            probe = f"{self.ref.name}:verify"
+            self.add("decoder", "logits", logits, self.ref.logits["verify"], probe)
 
     def _step_checks(self, when, logits, past, mask) -> None:
         probe = f"{self.ref.name}:{when}"

@@ -40,8 +40,10 @@ __all__ += ["verify_engine_set"]
 __all__ += ["parse_manifest", "write_manifest"]
 
 FORMAT = "gmner-bundle"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+#: 2: the decoder takes ``logits_index [num_logits]`` and returns ``logits [batch, num_logits,
+#: vocab]`` (verification of drafted tokens in one call); 1: ``logits [batch, 1, vocab]``.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 GRAPH_NAMES = ("vision", "embedding", "decoder")
@@ -64,6 +66,8 @@ REQUIRED_IO = {
     "embedding": (("input_ids",), ("inputs_embeds",)),
     "decoder": (("inputs_embeds", "attention_mask", "position_ids"), ("logits",)),
 }
+#: Tensors a graph must declare from a format version on (version -> graph -> inputs).
+REQUIRED_FROM_VERSION = {2: {"decoder": ("logits_index",)}}
 _PLACEHOLDERS = {
     "chat_template": ("{system}", "{image}", "{instruction}"),
     "image": ("{image_pads}",),
@@ -337,6 +341,12 @@ class Bundle:
     path: Path
     manifest: Manifest
 
+    @property
+    def verifies_drafts(self) -> bool:
+        """Whether the decoder returns the logits of several positions in one call (format
+        version 2: ``logits_index``), which speculative decoding needs to verify drafts."""
+        return self.manifest.format_version >= 2
+
     def file(self, name: str) -> Path:
         """The path of a file the manifest lists (e.g. ``graphs["decoder"].file``)."""
         if name not in self.manifest.files:
@@ -563,8 +573,13 @@ def _tensors(g: _Fields, key: str) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
-def _required_io(name: str, kv: KvCacheSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _required_io(
+    name: str, kv: KvCacheSpec, version: int
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     inputs, outputs = REQUIRED_IO[name]
+    for since, graphs in REQUIRED_FROM_VERSION.items():
+        if version >= since:
+            inputs += graphs.get(name, ())
     if name == "decoder":
         for i in range(kv.num_layers):
             inputs += (kv.past_key_name(i), kv.past_value_name(i))
@@ -572,14 +587,16 @@ def _required_io(name: str, kv: KvCacheSpec) -> tuple[tuple[str, ...], tuple[str
     return inputs, outputs
 
 
-def _graph(g: _Fields, name: str, kv: KvCacheSpec, files: dict[str, FileEntry]) -> GraphSpec:
+def _graph(
+    g: _Fields, name: str, kv: KvCacheSpec, files: dict[str, FileEntry], version: int
+) -> GraphSpec:
     ins, outs = _tensors(g, "inputs"), _tensors(g, "outputs")
     spec = GraphSpec(**_read(g, GraphSpec, skip=("inputs", "outputs")), inputs=ins, outputs=outs)
     for key in ("file", "data_file"):
         if (value := getattr(spec, key)) is not None:
             g.check(_path_problem(value) is None, key, f"{value!r} {_path_problem(value)}")
             g.check(value in files, key, f"{value!r} is not listed in files")
-    need_in, need_out = _required_io(name, kv)
+    need_in, need_out = _required_io(name, kv, version)
     for key, declared, required in (("inputs", ins, need_in), ("outputs", outs, need_out)):
         names = {s.name for s in declared}
         missing = [n for n in required if n not in names]
@@ -819,7 +836,7 @@ def parse_manifest(data: dict, *, source: str = MANIFEST_NAME) -> Manifest:
     g = f.section("graphs", GRAPH_NAMES)
     exporter = f.section("exporter", None)
     known = {"format", *_keys(Manifest)} - {"extra"}
-    graphs = {n: _graph(g.section(n, _keys(GraphSpec)), n, kv, files) for n in GRAPH_NAMES}
+    graphs = {n: _graph(g.section(n, _keys(GraphSpec)), n, kv, files, version) for n in GRAPH_NAMES}
     image_processor = _image_processor(f.section("image_processor", _IMAGE_KEYS), model.vision)
     return Manifest(
         format_version=version,

@@ -275,6 +275,15 @@ class RequestConstraint:
             self._closings[state] = self.grammar.closing(state)
         return self._closings[state]
 
+    def snapshot(self) -> tuple:
+        """Where the request stands, for :meth:`restore` (drafting tries tokens, then puts
+        the constraint back)."""
+        return (self.state, self.think_tokens, self.forced_tokens, self._unforced)
+
+    def restore(self, snapshot: tuple) -> None:
+        """Go back to a :meth:`snapshot` of this constraint."""
+        self.state, self.think_tokens, self.forced_tokens, self._unforced = snapshot
+
     # -- masks -----------------------------------------------------------------------------
 
     def mask(self, remaining: int) -> TokenMask:

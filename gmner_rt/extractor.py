@@ -32,6 +32,7 @@ from .images import check_pixel_count
 from .mentions import find_spans
 from .prompt import render_prompt
 from .records import parse_output
+from .speculate import SpeculationSettings
 from .text_ids import TEXT_SENTINEL, PlainText
 from .vision import (
     ImageInput,
@@ -90,8 +91,10 @@ class Extraction:
             its pixels.
         timings: seconds per stage (floats: preprocess, vision, prefill, decode, choose:
             picking tokens, the grammar's masks included, total), and counts (ints): generated
-            tokens (tokens), decoder calls for the batch, prefill included (steps), and tokens
-            the grammar forced (forced_tokens).
+            tokens (tokens), decoder calls for the batch, prefill included (steps), tokens
+            the grammar forced (forced_tokens), and, for the batch, tokens drafted by
+            speculation and those the model accepted (drafted_tokens, accepted_tokens; 0
+            without speculation). With speculation, draft: proposing and checking drafts.
     """
 
     records: tuple[Entity, ...]
@@ -140,12 +143,21 @@ class _Request:
 class Extractor:
     """Extracts grounded entities with one bundle on one backend (see :func:`load`)."""
 
-    def __init__(self, bundle: Bundle, backend, *, max_text_tokens: int = MAX_TEXT_TOKENS):
+    def __init__(
+        self,
+        bundle: Bundle,
+        backend,
+        *,
+        max_text_tokens: int = MAX_TEXT_TOKENS,
+        speculation: SpeculationSettings | None = None,
+    ):
         from tokenizers import Tokenizer
 
         self.bundle = bundle
         self.backend = backend
         self.max_text_tokens = max_text_tokens
+        #: how ``speculate=True`` drafts (a backend that cannot verify drafts ignores it)
+        self.speculation = speculation or SpeculationSettings()
         m = bundle.manifest
         path = bundle.file(TOKENIZER_NAME)
         try:
@@ -299,6 +311,7 @@ class Extractor:
         jump_forward: bool = True,
         max_new_tokens: int | None = None,
         logits_hook: LogitsHook | None = None,
+        speculate: bool = False,
     ) -> Extraction:
         """Entities of ``text`` with their boxes in ``image`` (path, bytes, PIL, or array).
 
@@ -313,6 +326,11 @@ class Extractor:
             jump_forward: feed the text the grammar forces in one decoder call.
             max_new_tokens: the token limit (default: the bundle's).
             logits_hook: ``hook(logits [B, vocab], state) -> logits``, before the grammar.
+            speculate: draft tokens by prompt lookup and verify them in one decoder call
+                (:mod:`gmner_rt.speculate`): the same tokens in fewer calls. Needs a bundle of
+                format 2; ignored with a ``logits_hook`` and under TensorRT profiles. Off by
+                default: on the demo model it was slower than plain decoding (few drafts
+                accepted; docs/benchmarks.md).
         """
         return self.extract_batch(
             [(image, text)],
@@ -322,6 +340,7 @@ class Extractor:
             jump_forward=jump_forward,
             max_new_tokens=max_new_tokens,
             logits_hook=logits_hook,
+            speculate=speculate,
         )[0]
 
     def extract_batch(
@@ -335,6 +354,7 @@ class Extractor:
         max_new_tokens: int | None = None,
         logits_hook: LogitsHook | None = None,
         batch_size: int | None = None,
+        speculate: bool = False,
     ) -> list[Extraction]:
         """``extract`` for several pairs, decoded in left-padded batches.
 
@@ -357,6 +377,8 @@ class Extractor:
             raise InputError(f"think: expected 'on', 'off' or 'auto', got {think!r}")
         if think_budget is not None and not constrained:
             raise InputError("think_budget: needs constrained=True")
+        if not isinstance(speculate, bool):
+            raise InputError(f"speculate: expected True or False, got {speculate!r}")
         if not pairs:
             return []
         m = self.bundle.manifest
@@ -377,7 +399,7 @@ class Extractor:
         for start in range(0, len(pairs), size):
             chunk = pairs[start : start + size]
             out += self._extract_chunk(
-                chunk, think, think_budget, constrained, jump_forward, limit, logits_hook
+                chunk, think, think_budget, constrained, jump_forward, limit, logits_hook, speculate
             )
         return out
 
@@ -390,6 +412,7 @@ class Extractor:
         jump_forward: bool,
         limit: int,
         logits_hook: LogitsHook | None,
+        speculate: bool,
     ) -> list[Extraction]:
         m = self.bundle.manifest
         started = time.perf_counter()
@@ -413,6 +436,9 @@ class Extractor:
             stop=None if constrained else self._stop,
             logits_hook=logits_hook,
             constraints=constraints,
+            # not under TensorRT profiles: rejected drafts stay in the cache (masked), so it
+            # could outgrow the profiles' context
+            speculation=self.speculation if speculate and self.limits is None else None,
         )
         total = time.perf_counter() - started
         return [
@@ -477,6 +503,8 @@ class Extractor:
             "tokens": len(tokens),
             "steps": result.steps,
             "forced_tokens": constraint.forced_tokens if constraint else 0,
+            "drafted_tokens": result.drafted,
+            "accepted_tokens": result.accepted,
         }
         return Extraction(
             records,

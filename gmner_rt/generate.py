@@ -6,6 +6,15 @@ per-row :class:`TokenConstraint` (a token mask, and the tokens it forces, which 
 decoder in one call: jump-forward). Batches are left padded; a step feeds each row its own
 number of tokens, left padded within the step. M-RoPE positions are computed here, on the host:
 ``rope_index`` for the prompt, then every row's next position is one more than its last.
+
+Speculation (``speculation=``, a backend whose decoder returns several positions' logits):
+each call feeds a row's committed tokens plus a draft (:mod:`gmner_rt.speculate`), each drafted
+token first checked against the row's grammar (never one it masks; the draft stops where the
+grammar forces tokens or ends); the choice at every verified position is made exactly as
+without speculation, and the draft is kept up to the first token that differs from it, so the
+tokens are the same. Rejected positions stay in the KV cache but are masked out of every later
+call (``attention_mask`` 0, positions rolled back): cropping would copy the device-resident
+cache, and in a batch each row keeps a different number of tokens of one rectangular cache.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .speculate import Drafter, SpeculationSettings
 from .vision import VisionIndices, rope_index, vision_indices
 
 __all__ = [
@@ -29,6 +39,8 @@ __all__ = [
     "generate",
     "prefill",
     "step",
+    "step_logits",
+    "discard",
 ]
 
 #: ``hook(logits [B, vocab] float32, state) -> logits``: masks tokens (constrained decoding).
@@ -72,6 +84,14 @@ class TokenConstraint(Protocol):
     def forced(self, remaining: int) -> list[int]: ...  # already taken by the constraint
 
 
+class DraftableConstraint(TokenConstraint, Protocol):
+    """A constraint that drafting can try tokens on and then put back as it was."""
+
+    def snapshot(self) -> object: ...
+
+    def restore(self, snapshot: object) -> None: ...
+
+
 @dataclass(frozen=True)
 class VisionSpec:
     """The vision tower's shape facts the host needs for its indices."""
@@ -113,13 +133,16 @@ class DecodeState:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """Generated ids per row (stop token included when one stopped it), timings (s), and the
+    """Generated ids per row (stop token included when one stopped it), timings (s), the
     number of steps (each one decoder call, the prefill's included: fewer than the tokens when
-    forced tokens were fed together)."""
+    forced tokens were fed together or drafts accepted), and the tokens drafted and accepted
+    by speculation (0 without)."""
 
     tokens: list[list[int]]
     timings: dict[str, float]
     steps: int
+    drafted: int = 0
+    accepted: int = 0
 
 
 def _add_time(timings: dict[str, float], key: str, start: float) -> None:
@@ -168,16 +191,18 @@ def prefill(
     return logits, state
 
 
-def step(
+def step_logits(
     backend: Backend,
     state: DecodeState,
     tokens: np.ndarray | Sequence[Sequence[int]],
     *,
     pad_id: int = 0,
+    last: int = 1,
 ) -> np.ndarray:
     """Feed the next tokens: one per row (``[B]``), or per row a list of any length (empty for
     a finished row), left padded with ``pad_id`` to the longest. Returns the logits after each
-    row's last token, ``[B, vocab]``."""
+    of the last ``last`` positions, ``[B, last, vocab]`` (rows end together: a row of n tokens
+    has its own in the last n); ``last > 1`` needs a backend with ``decode_last``."""
     start = time.perf_counter()
     if isinstance(tokens, np.ndarray):
         chunks = [[int(t)] for t in tokens.reshape(-1)]
@@ -197,15 +222,41 @@ def step(
     )
     positions = np.maximum(positions, 0)
     state.attention_mask = np.concatenate([state.attention_mask, mask], axis=1)
-    logits, state.past = backend.decode(
+    args = (
         backend.embed(ids),
         state.attention_mask,
         np.broadcast_to(positions[None], (3, rows, width)),
         state.past,
     )
+    if last == 1:
+        logits, state.past = backend.decode(*args)
+        logits = logits[:, None, :]
+    else:
+        logits, state.past = backend.decode_last(*args, last)  # type: ignore[attr-defined]
     state.next_positions = state.next_positions + lengths
     _add_time(state.timings, "decode", start)
     return logits
+
+
+def step(
+    backend: Backend,
+    state: DecodeState,
+    tokens: np.ndarray | Sequence[Sequence[int]],
+    *,
+    pad_id: int = 0,
+) -> np.ndarray:
+    """:func:`step_logits` of the last position only: ``[B, vocab]``."""
+    return step_logits(backend, state, tokens, pad_id=pad_id)[:, -1, :]
+
+
+def discard(state: DecodeState, counts: Sequence[int]) -> None:
+    """Take back each row's last ``counts[row]`` fed tokens (rejected drafts): their cache
+    entries are masked out of every later call and the row's positions continue as if they
+    had never been fed."""
+    for row, count in enumerate(counts):
+        if count:
+            state.attention_mask[row, -count:] = 0
+            state.next_positions[row] -= count
 
 
 def _choose(logits: np.ndarray, constraint: TokenConstraint | None, remaining: int) -> list[int]:
@@ -220,6 +271,71 @@ def _choose(logits: np.ndarray, constraint: TokenConstraint | None, remaining: i
     return [chosen, *constraint.forced(remaining - 1)]
 
 
+class _Rows:
+    """The choice and the stopping rules of every row, shared by plain and speculative
+    decoding so that both make the same choices."""
+
+    def __init__(self, state, constraints, eos_ids, stop, max_new_tokens):
+        self.state, self.constraints = state, constraints
+        self.eos, self.stop, self.limit = set(eos_ids), stop, max_new_tokens
+
+    def constraint(self, row: int) -> TokenConstraint | None:
+        return self.constraints[row] if self.constraints is not None else None
+
+    def remaining(self, row: int) -> int:
+        return self.limit - len(self.state.tokens[row])
+
+    def commit(self, row: int, logits: np.ndarray) -> list[int]:
+        """Choose the row's next tokens from ``logits [vocab]``, take them, and finish the
+        row when a stopping rule says so. Returns the tokens (to be fed, unless finished)."""
+        constraint, made = self.constraint(row), self.state.tokens[row]
+        chunk = _choose(logits, constraint, self.remaining(row))[: self.remaining(row)]
+        made.extend(chunk)
+        if (
+            len(made) >= self.limit
+            or (constraint is not None and constraint.done)
+            or (constraint is None and chunk[-1] in self.eos)
+            or (self.stop is not None and self.stop(int(row), made))
+        ):
+            self.state.finished[row] = True
+        return chunk
+
+    def draft(self, row: int, proposal: Sequence[int]) -> list[int]:
+        """The longest prefix of ``proposal`` the row's grammar allows token by token, cut
+        where the grammar forces tokens or ends (the constraint is left as it was)."""
+        proposal = list(proposal[: self.remaining(row)])
+        constraint = self.constraint(row)
+        if constraint is None:
+            for i, token in enumerate(proposal):
+                if token in self.eos:
+                    return proposal[: i + 1]
+            return proposal
+        saved = constraint.snapshot()  # type: ignore[attr-defined]
+        out: list[int] = []
+        try:
+            for token in proposal:
+                remaining = self.remaining(row) - len(out)
+                if constraint.done or constraint.forced(remaining):
+                    break
+                if not constraint.mask(remaining).allows(token):
+                    break
+                constraint.advance(token)
+                out.append(token)
+        finally:
+            constraint.restore(saved)  # type: ignore[attr-defined]
+        return out
+
+
+def _can_speculate(backend, constraints, logits_hook, speculation) -> bool:
+    if speculation is None or logits_hook is not None:
+        return False  # a hook sees one [B, vocab] array per step: not per verified position
+    if not getattr(backend, "verifies_drafts", False):
+        return False
+    return constraints is None or all(
+        c is None or (hasattr(c, "snapshot") and hasattr(c, "restore")) for c in constraints
+    )
+
+
 def generate(
     backend: Backend,
     batch: PromptBatch,
@@ -231,41 +347,95 @@ def generate(
     stop: StopCheck | None = None,
     logits_hook: LogitsHook | None = None,
     constraints: Sequence[TokenConstraint | None] | None = None,
+    speculation: SpeculationSettings | None = None,
 ) -> GenerationResult:
     """Greedy decoding until every row hit an eos id, ``stop`` said so, its constraint is
-    done, or the token limit. ``constraints``: one per row (None: unconstrained)."""
+    done, or the token limit. ``constraints``: one per row (None: unconstrained).
+    ``speculation``: draft and verify (same tokens, fewer decoder calls) where the backend
+    can verify (``verifies_drafts``), no ``logits_hook`` is given and every constraint is a
+    :class:`DraftableConstraint`; else ignored."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
     rows = len(batch.input_ids)
     if constraints is not None and len(constraints) != rows:
         raise ValueError(f"constraints: expected {rows} (one per row), got {len(constraints)}")
-    eos = set(eos_ids)
     logits, state = prefill(backend, batch, vision)
-    steps = 1
+    rules = _Rows(state, constraints, eos_ids, stop, max_new_tokens)
     if max_new_tokens == 0:
         state.finished[:] = True
+    if _can_speculate(backend, constraints, logits_hook, speculation):
+        return _speculate(backend, batch, vision, logits, rules, speculation, pad_id)
+    steps = 1
     while not state.finished.all():
         if logits_hook is not None:
             logits = logits_hook(logits, state)
         chunks: list[list[int]] = [[] for _ in range(rows)]
         start = time.perf_counter()
         for row in np.flatnonzero(~state.finished):
-            constraint = constraints[row] if constraints is not None else None
-            made = state.tokens[row]
-            chunk = _choose(logits[row], constraint, max_new_tokens - len(made))
-            chunk = chunk[: max_new_tokens - len(made)]
-            made.extend(chunk)
-            chunks[row] = chunk
-            if (
-                len(made) >= max_new_tokens
-                or (constraint is not None and constraint.done)
-                or (constraint is None and chunk[-1] in eos)
-                or (stop is not None and stop(int(row), made))
-            ):
-                state.finished[row] = True
+            chunks[row] = rules.commit(row, logits[row])
         _add_time(state.timings, "choose", start)
         if state.finished.all():
             break
         logits = step(backend, state, chunks, pad_id=pad_id)
         steps += 1
     return GenerationResult(tokens=state.tokens, timings=dict(state.timings), steps=steps)
+
+
+def _speculate(backend, batch, vision, logits, rules: _Rows, settings, pad_id):
+    """The decode loop with prompt-lookup drafts: each call feeds a row's committed tokens
+    (``pending``, not yet fed) and its draft, then commits the choice at every verified
+    position as the plain loop would, up to the first that differs from the draft."""
+    state = rules.state
+    rows = len(state.tokens)
+    start = time.perf_counter()
+    drafters = []
+    for row in range(rows):
+        prompt = batch.input_ids[row][batch.attention_mask[row] != 0]
+        drafters.append(Drafter(prompt[prompt != vision.image_token_id].tolist(), settings))
+    pending: list[list[int]] = [[] for _ in range(rows)]
+    for row in np.flatnonzero(~state.finished):
+        pending[row] = rules.commit(row, logits[row])
+    steps, drafted, accepted = 1, 0, 0
+    _add_time(state.timings, "choose", start)
+    while not state.finished.all():
+        start = time.perf_counter()
+        drafts: list[list[int]] = [[] for _ in range(rows)]
+        for row in np.flatnonzero(~state.finished):
+            drafter = drafters[row]
+            drafter.extend(state.tokens[row][len(drafter.tokens) - drafter.context :])
+            drafts[row] = rules.draft(row, drafter.propose())
+        feeds = [pending[row] + drafts[row] for row in range(rows)]
+        last = 1 + max(len(d) for d in drafts)
+        _add_time(state.timings, "draft", start)
+        logits = step_logits(backend, state, feeds, pad_id=pad_id, last=last)
+        steps += 1
+        start = time.perf_counter()
+        rejected = [0] * rows
+        for row in np.flatnonzero(~state.finished):
+            draft = drafts[row]
+            verified = logits[row, last - len(draft) - 1 :]  # after pending, then each draft
+            kept, pending[row] = _verify(rules, row, draft, verified)
+            rejected[row] = len(draft) - kept
+            drafters[row].record(len(draft), kept)
+            drafted, accepted = drafted + len(draft), accepted + kept
+        discard(state, rejected)
+        _add_time(state.timings, "choose", start)
+    return GenerationResult(
+        tokens=state.tokens,
+        timings=dict(state.timings),
+        steps=steps,
+        drafted=drafted,
+        accepted=accepted,
+    )
+
+
+def _verify(rules: _Rows, row: int, draft: list[int], verified: np.ndarray):
+    """Commit the row's choices at the verified positions (``verified [len(draft)+1, vocab]``)
+    while they equal the draft: ``(drafted tokens kept, committed tokens not yet fed)``."""
+    for i, token in enumerate(draft):
+        chunk = rules.commit(row, verified[i])
+        if chunk[0] != token:
+            return i, chunk
+        if rules.state.finished[row] or len(chunk) > 1:
+            return i + 1, chunk[1:]
+    return len(draft), rules.commit(row, verified[len(draft)])

@@ -61,7 +61,10 @@ TRT_OPTION_NAMES = frozenset(
 
 #: The symbolic dimensions the exporter writes; any other name has no profile rule.
 DIM_NAMES = ("batch", "sequence", "past_sequence", "total_sequence", "num_patches")
-DIM_NAMES += ("num_groups", "num_images_plus_1", "num_windows_plus_1")
+DIM_NAMES += ("num_groups", "num_images_plus_1", "num_windows_plus_1", "num_logits")
+#: The most positions whose logits one decoder call returns (a verified draft and the token
+#: before it; :class:`gmner_rt.speculate.SpeculationSettings` drafts at most 15).
+MAX_LOGITS = 16
 #: Prompt + instruction + tweet tokens the default context allows beside image and new tokens.
 PROMPT_ALLOWANCE = 512
 
@@ -165,6 +168,7 @@ def dim_ranges(manifest: Manifest, limits: EngineLimits) -> dict[str, tuple[int,
         "num_patches": (merge2, tokens * merge2, b * tokens * merge2),
         "num_groups": (1, tokens, b * tokens),
         "num_images_plus_1": (2, 2, b + 1),
+        "num_logits": (1, 1, min(MAX_LOGITS, ctx)),
         "num_windows_plus_1": (
             2,
             _square_windows(tokens, window) + 1,

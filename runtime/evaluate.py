@@ -226,6 +226,7 @@ def _check_mode(args: argparse.Namespace) -> str:
             "--think-budget": args.think_budget is not None,
             "--unconstrained": args.unconstrained,
             "--no-jump-forward": args.no_jump_forward,
+            "--speculate": args.speculate,
         }
         for flag, given in decoding.items():
             if given:

@@ -108,6 +108,13 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         help="feed the text the grammar forces one token per step",
     )
     group.add_argument(
+        "--speculate",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="draft tokens by prompt lookup and verify them in one decoder call (same tokens; "
+        "off by default: slower than plain decoding on the demo model, docs/benchmarks.md)",
+    )
+    group.add_argument(
         "--max-new-tokens", type=positive_int, help="generation limit (default: the bundle's)"
     )
 
@@ -169,6 +176,7 @@ def decoding_options(args: argparse.Namespace) -> dict:
         "constrained": not args.unconstrained,
         "jump_forward": not args.no_jump_forward,
         "max_new_tokens": args.max_new_tokens,
+        "speculate": args.speculate,
     }
 
 

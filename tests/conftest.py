@@ -106,3 +106,13 @@ def tiny_bundle(tiny, adapter, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("bundles") / "fp32"
     return export_bundle(BundleOptions(model=tiny, adapter=adapter, out=out))
+
+
+@pytest.fixture(scope="session")
+def base_bundle(tiny, tmp_path_factory) -> Path:
+    """``gmner export`` of the random tiny model alone (no adapter), fp32."""
+    pytest.importorskip("onnx")
+    from gmner.export.build import BundleOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "base"
+    return export_bundle(BundleOptions(model=tiny, adapter=None, out=out))

@@ -5,7 +5,8 @@ tokens or stopping (those are :mod:`gmner_rt.generate`'s). Inputs are numpy; the
 the list ``[key_0, value_0, key_1, value_1, ...]`` of ``[B, kv_heads, S, d]`` onnxruntime
 values that stay where the decoder wrote them (device memory on CUDA): each decoder call binds
 the previous call's present tensors as its past (IOBinding), so the cache is never copied to
-the host or converted to numpy between steps; only the last position's logits come back.
+the host or converted to numpy between steps; only the logits asked for come back (the last
+position's, or with a format-2 decoder the last K, to verify drafted tokens).
 The graph itself concatenates past and new keys (a static-cache graph is TensorRT's path).
 
 Which execution provider each graph runs on is decided by :func:`plan` (the user's choice,
@@ -323,6 +324,9 @@ class OrtGraphs:
             f"past_{kind}_{layer}" for layer in range(kv.num_layers) for kind in ("key", "value")
         ]
         self._present_names = [o.name for o in self.decoder.get_outputs()][1:]
+        #: whether the decoder returns the logits of several positions (``logits_index``,
+        #: format version 2); a version-1 decoder returns the last position's only
+        self.verifies_drafts = "logits_index" in {i.name for i in self.decoder.get_inputs()}
         self.device = "cuda" if self.decoder.get_providers()[0] in _GPU_PROVIDERS else "cpu"
 
     @classmethod
@@ -407,7 +411,31 @@ class OrtGraphs:
         past: Sequence[np.ndarray],
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder call: ``(logits [B, vocab] of the last position, present cache)``."""
+        logits, present = self.decode_last(inputs_embeds, attention_mask, position_ids, past, 1)
+        return logits[:, -1, :], present
+
+    def decode_last(
+        self,
+        inputs_embeds: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: Sequence[np.ndarray],
+        last: int,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder call: ``(logits [B, last, vocab] of the last ``last`` positions, present
+        cache)``; ``last > 1`` needs a decoder that :attr:`verifies_drafts`."""
+        length = inputs_embeds.shape[1]
+        if not 1 <= last <= length:
+            raise BackendError(f"last: expected 1 <= last <= {length} (the call's length)")
+        if last > 1 and not self.verifies_drafts:
+            raise BackendError(
+                "this decoder returns the last position's logits only (bundle format 1); "
+                "re-export the bundle to verify drafted tokens"
+            )
         binding = self.decoder.io_binding()
+        if self.verifies_drafts:
+            index = np.arange(length - last, length, dtype=np.int64)
+            binding.bind_cpu_input("logits_index", index)
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds))
         binding.bind_cpu_input("attention_mask", _int64(attention_mask))
         binding.bind_cpu_input("position_ids", _int64(position_ids))
@@ -421,7 +449,7 @@ class OrtGraphs:
             binding.bind_output(name, self.device, self.device_id if self.device != "cpu" else 0)
         self.decoder.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy()[:, -1, :], list(outputs[1:])
+        return outputs[0].numpy()[:, -last:, :], list(outputs[1:])
 
     @staticmethod
     def cache_to_numpy(past: Sequence) -> list[np.ndarray]:

@@ -68,7 +68,14 @@ def test_bundle_files_and_manifest(tiny_bundle, tiny):
     assert m.model.text.vocab_size == config["text_config"]["vocab_size"]
     assert m.tokens.image_pad_id == config["image_token_id"]
     assert m.image_processor["max_pixels"] == 224 * 224  # the adapter's training bounds
-    assert m.graphs["decoder"].output("logits").shape == ("batch", 1, m.model.text.vocab_size)
+    assert m.format_version == 2
+    assert m.graphs["decoder"].output("logits").shape == (
+        "batch",
+        "num_logits",
+        m.model.text.vocab_size,
+    )
+    assert m.graphs["decoder"].input("logits_index").shape == ("num_logits",)
+    assert m.parity["max_relative_error"]["decoder"]["logits@verify"] < 1e-4
     assert m.prompt.chat_template.startswith("<|im_start|>system\n{system}<|im_end|>")
     assert m.labels == ("PER", "LOC", "ORG", "OTHER")
     assert m.exporter["torch"] and m.exporter["onnxruntime"]

@@ -372,14 +372,39 @@ def test_wrong_format_is_refused():
 
 
 def test_unknown_format_version_says_what_to_do():
-    data = edit(make_manifest(), "format_version", 2)
-    data["model"] = "a v2 layout this reader cannot know"
+    data = edit(make_manifest(), "format_version", 3)
+    data["model"] = "a v3 layout this reader cannot know"
     with pytest.raises(BundleError) as info:
         parse_manifest(data, source="b/manifest.json")
     assert str(info.value) == (
-        "b/manifest.json: format_version 2 is not supported by this gmner_rt (supports 1); "
+        "b/manifest.json: format_version 3 is not supported by this gmner_rt (supports 1, 2); "
         "upgrade gmner_rt or re-export"
     )
+
+
+def _with_logits_index(data: dict) -> dict:
+    """``data`` as format 2: the decoder takes ``logits_index`` and returns K positions."""
+    data = edit(copy.deepcopy(data), "format_version", 2)
+    decoder = data["graphs"]["decoder"]
+    decoder["inputs"].insert(3, _tensor("logits_index", "int64", ["num_logits"]))
+    decoder["outputs"][0]["shape"] = ["batch", "num_logits", VOCAB]
+    return data
+
+
+def test_format_1_and_2_both_load_and_2_needs_logits_index():
+    v1 = make_manifest()
+    assert parse_manifest(v1).format_version == 1
+    assert Bundle(Path("b"), parse_manifest(v1)).verifies_drafts is False
+    v2 = _with_logits_index(v1)
+    assert Bundle(Path("b"), parse_manifest(v2)).verifies_drafts is True
+    assert parse_manifest(v2).graphs["decoder"].output("logits").shape == (
+        "batch",
+        "num_logits",
+        VOCAB,
+    )
+    without = edit(make_manifest(), "format_version", 2)  # a v2 decoder lacking the input
+    with pytest.raises(BundleError, match="graphs.decoder.inputs: missing required tensors: "):
+        parse_manifest(without)
 
 
 def test_non_object_manifest_is_refused():

@@ -55,14 +55,6 @@ def _image(size: tuple[int, int], seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def base_bundle(tiny, tmp_path_factory) -> Path:
-    from gmner.export.build import BundleOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "base"
-    return export_bundle(BundleOptions(model=tiny, adapter=None, out=out))
-
-
 def _hf_generate(model, processor, pairs, max_new_tokens, think=True) -> list[list[int]]:
     """HF greedy ids for (image, text) pairs, prompts built by the training code."""
     import torch
@@ -302,9 +294,9 @@ def test_decompression_bomb_is_refused_before_decoding(tiny_bundle, tmp_path, mo
 def test_bundle_of_another_format_version_is_refused(tiny_bundle, tmp_path):
     copy = _bundle_copy(tiny_bundle, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="format_version 2 is not supported"):
+    with pytest.raises(BundleError, match="format_version 3 is not supported"):
         gmner_rt.load(copy)
     with pytest.raises(BundleError, match="is not a gmner bundle"):
         gmner_rt.load(tmp_path / "nowhere")

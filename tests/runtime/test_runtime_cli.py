@@ -331,3 +331,15 @@ def test_eval_modes_are_exclusive(tiny_bundle, v2_subset, dev_images, tmp_path, 
     caplog.clear()
     assert _eval_bundle(tmp_path / "none", v2_subset, dev_images, "--limit", "1") == 2
     assert "folder not found" in _errors(caplog)
+
+
+def test_speculate_flags_turn_speculation_on_and_off():
+    import argparse
+
+    from gmner.runtime.extract import add_decoding_arguments, decoding_options
+
+    parser = argparse.ArgumentParser()
+    add_decoding_arguments(parser)
+    assert decoding_options(parser.parse_args([]))["speculate"] is False
+    assert decoding_options(parser.parse_args(["--speculate"]))["speculate"] is True
+    assert decoding_options(parser.parse_args(["--no-speculate"]))["speculate"] is False
