@@ -130,6 +130,13 @@ def render_card(manifest: Manifest, provenance: dict | None = None) -> str:
         lines += [f"- `{name}`: `{digest}`" for name, digest in sorted(sources.items())]
     else:
         lines.append(provenance.get("note") or "No provenance recorded.")
+    if provenance.get("upgraded_from_format"):
+        lines += [
+            "",
+            f"Upgraded from bundle format {provenance['upgraded_from_format']} by `gmner export "
+            "upgrade` (the decoder returns the logits of chosen positions; weights unchanged, "
+            "checked against the old decoder).",
+        ]
     training = provenance.get("training")
     if training:
         lines += ["", "Training settings (the adapter's `config.yaml`):", ""]

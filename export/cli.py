@@ -136,6 +136,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quantize.add_argument("--out", type=Path, required=True, help="new output directory")
     _quant_flags(quantize, required=True)
     _no_verify(quantize, "skip the check of the quantized decoder against the fp one")
+    upgrade = sub.add_parser(
+        "upgrade",
+        help="write a format-1 bundle as format 2 (speculation) without its checkpoint",
+        description="Rewrite a format-1 bundle's decoder to return the logits of chosen "
+        "positions (format 2, what speculation verifies drafts with), checked against the "
+        "old decoder; weights untouched.",
+    )
+    upgrade.add_argument("--bundle", type=Path, required=True, help="the format-1 bundle")
+    upgrade.add_argument("--out", type=Path, required=True, help="new output directory")
     trt_check = sub.add_parser(
         "trt-check",
         help="check that a bundle's graphs meet TensorRT's ONNX parser (CPU only)",
@@ -148,7 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # set last: the actions' own usage lines are built from the usage at the time
     parser.usage = (
         "%(prog)s --model DIR [--adapter DIR] --out DIR [options]   (export a bundle)\n"
-        "       %(prog)s {merge,quantize,trt-check,engine} ...        (other actions; "
+        "       %(prog)s {merge,quantize,upgrade,trt-check,engine} ...  (other actions; "
         "%(prog)s ACTION --help)"
     )
 
@@ -298,6 +307,11 @@ def run(args: argparse.Namespace) -> int:
         return _engine(args)
     if args.action == "quantize":
         return _quantize(args)
+    if args.action == "upgrade":
+        from .upgrade import upgrade_bundle
+
+        upgrade_bundle(args.bundle, args.out)
+        return 0
     if args.action == "trt-check":
         return _trt_check(args)
     if args.action == "merge":
