@@ -84,6 +84,7 @@ class BundleOptions:
         if self.prompt is not None and self.prompt not in PROMPT_STYLES:
             raise ValueError(f"prompt: expected one of {PROMPT_STYLES}, got {self.prompt!r}")
 
+
 def resolve_prompt(options: BundleOptions) -> tuple[str, str]:
     """The (style, system prompt) to write: what was asked for, else the checkpoint's."""
     style, system = trained_prompt(options.adapter, options.prompt)
@@ -245,10 +246,10 @@ def _model_info(config, options: BundleOptions) -> dict:
     text, vision = config.text_config, config.vision_config
     rope = text.rope_parameters
     return {
-        "name": options.name or options.model.name,
+        "name": options.name or Path(options.model).resolve().name,
         # names, not paths: a bundle records nothing of the exporting machine's folders
         # (its inputs are identified by hash under "provenance")
-        "source_model": options.model.name,
+        "source_model": Path(options.model).resolve().name,
         "adapter": _adapter_name(options.adapter),
         "dtype": options.settings.dtype,
         "text": {

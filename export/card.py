@@ -45,9 +45,11 @@ def _fmt(value: float | None) -> str:
 def _parity_lines(parity: dict | None) -> list[str]:
     if not parity:
         return ["Not checked (exported with `--no-verify`)."]
+    verdict = "passed" if parity.get("passed") else "FAILED"
     lines = [
-        f"Checked against the PyTorch model at export: {'passed' if parity.get('passed') else 'FAILED'}"
-        f" ({parity.get('checks', 0)} tensor checks, tolerance {parity.get('tolerance')} relative).",
+        f"Checked against the PyTorch model at export: {verdict} "
+        f"({parity.get('checks', 0)} tensor checks, tolerance {parity.get('tolerance')} "
+        "relative).",
         "",
         "| graph | tensor | worst relative error |",
         "|---|---|---|",
@@ -59,7 +61,10 @@ def _parity_lines(parity: dict | None) -> list[str]:
     if greedy:
         agreed = sum(g["agreed"] for g in greedy)
         total = sum(g["length"] for g in greedy)
-        lines += ["", f"Greedy tokens identical to PyTorch's: {agreed} of {total} ({len(greedy)} probes)."]
+        lines += [
+            "",
+            f"Greedy tokens identical to PyTorch's: {agreed} of {total} ({len(greedy)} probes).",
+        ]
     merge = parity.get("merge") or {}
     if merge.get("kind") == "lora":
         lines.append(
@@ -123,11 +128,14 @@ def render_card(manifest: Manifest, provenance: dict | None = None) -> str:
         "## How it was made",
         "",
     ]
-    sources = provenance.get("sources") or {}
+    sources = dict(provenance.get("sources") or {})
+    exported_as = sources.pop("dtype", None)
     if sources:
         lines.append("Inputs, by sha256 (no paths of the exporting machine are recorded):")
         lines.append("")
         lines += [f"- `{name}`: `{digest}`" for name, digest in sorted(sources.items())]
+        if exported_as:
+            lines += ["", f"Merged in {exported_as}."]
     else:
         lines.append(provenance.get("note") or "No provenance recorded.")
     if provenance.get("upgraded_from_format"):

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-
 from gmner.train.modeling import library_deprecations_filtered
 
 from gmner_rt.errors import GmnerError

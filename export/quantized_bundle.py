@@ -21,8 +21,8 @@ from pathlib import Path
 from gmner_rt.bundle import file_entry, load_bundle, manifest_to_dict, write_manifest
 from gmner_rt.errors import InputError
 
-from .quantize import QuantSettings, quantize_decoder
 from .card import write_card
+from .quantize import QuantSettings, quantize_decoder
 from .staging import move_into_place, staging_dir
 
 log = logging.getLogger(__name__)

@@ -254,15 +254,17 @@ def _e2e_region(region: str) -> tuple[tuple[Box, ...] | None, bool]:
     except (ValueError, RecursionError):
         value = None
     if isinstance(value, list):
-        if len(value) == 4 and all(isinstance(v, int | float) for v in value):
-            return (_box(value),), True
-        if value and all(isinstance(b, list) for b in value):
-            if all(len(b) == 4 and all(isinstance(v, int | float) for v in b) for b in value):
-                return tuple(_box(b) for b in value), True
-            # a bad element: the reference's raise is caught by its own except, and the
-            # numbers are read as below
-        elif not value:
-            return None, False
+        try:  # as the reference: any failure here (a bad element, an integer too large
+            # for a float) falls through to reading the numbers below
+            if len(value) == 4 and all(isinstance(v, int | float) for v in value):
+                return (_box(value),), True
+            if value and all(isinstance(b, list) for b in value):
+                if all(len(b) == 4 and all(isinstance(v, int | float) for v in b) for b in value):
+                    return tuple(_box(b) for b in value), True
+            elif not value:
+                return None, False
+        except (OverflowError, TypeError, ValueError):
+            pass
     numbers = [float(v) for v in _E2E_NUMBER.findall(region)]
     if not numbers or len(numbers) % 4:
         return None, False
@@ -331,7 +333,9 @@ def e2e_gold_text(
 
 def _e2e_gold(records: Sequence[EntityRecord], text: ModelText | None) -> list[_Pred] | None:
     """The gold as the reference reads it, or None when the reference drops the tweet."""
-    if text is not None and not _e2e_usable(text.image_size):
+    # its collator resizes (and so refuses too small an image) only when the gold answer
+    # holds entities: a tweet without any is kept whatever its image
+    if records and text is not None and not _e2e_usable(text.image_size):
         return None
     if text is None:  # no prediction: the gold count alone matters, boxes are unscaled
         sizes = ((1, 1), (1, 1))

@@ -50,6 +50,7 @@ class ModelText:
             "model_size": list(self.model_size),
         }
 
+
 log = logging.getLogger(__name__)
 
 

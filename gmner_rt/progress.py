@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
@@ -23,6 +24,10 @@ T = TypeVar("T")
 log = logging.getLogger("gmner.progress")
 
 _STATE = {"enabled": True, "interval_s": 30.0}
+#: Guards the counters of every Progress and the one logging redirect of the process: bars
+#: may be updated from several threads, and only one routes logging at a time.
+_LOCK = threading.RLock()
+_REDIRECTS = {"open": 0}
 
 
 def configure(*, enabled: bool | None = None, interval_s: float | None = None) -> None:
@@ -60,8 +65,8 @@ class Progress:
         self._redirect: contextlib.ExitStack | None = None
         if not (enabled and _STATE["enabled"]):
             self._mode = "off"
-        elif _terminal() and _tqdm() is not None:
-            self._mode = "bar"
+        elif _terminal() and _tqdm() is not None and not _REDIRECTS["open"]:
+            self._mode = "bar"  # one bar at a time; a nested loop reports by log lines
             self._open_bar()
         else:
             self._mode = "log"
@@ -70,8 +75,10 @@ class Progress:
         tqdm = _tqdm()
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        self._redirect = contextlib.ExitStack()
-        self._redirect.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
+        with _LOCK:
+            _REDIRECTS["open"] += 1
+            self._redirect = contextlib.ExitStack()
+            self._redirect.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
         self._bar = tqdm(
             total=self.total,
             initial=self._initial,
@@ -82,16 +89,17 @@ class Progress:
 
     def update(self, n: int = 1, **postfix: object) -> None:
         """``n`` more units done; ``postfix`` (e.g. ``loss=0.31``) is shown beside the count."""
-        self.done += n
-        if self._mode == "bar":
-            self._bar.update(n)
-            if postfix:
-                self._bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=False)
-        elif self._mode == "log":
-            now = time.monotonic()
-            if now - self._last >= _STATE["interval_s"]:
-                self._last = now
-                log.info("%s", self._line(postfix))
+        with _LOCK:
+            self.done += n
+            if self._mode == "bar":
+                self._bar.update(n)
+                if postfix:
+                    self._bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=False)
+            elif self._mode == "log":
+                now = time.monotonic()
+                if now - self._last >= _STATE["interval_s"]:
+                    self._last = now
+                    log.info("%s", self._line(postfix))
 
     def _line(self, postfix: dict | None = None) -> str:
         elapsed = time.monotonic() - self._started
@@ -106,12 +114,15 @@ class Progress:
         return f"{head}; {extra}" if extra else head
 
     def close(self) -> None:
-        if self._mode == "bar":
-            self._bar.close()
-            self._redirect.close()
-        elif self._mode == "log" and self.done > self._initial:
-            log.info("%s (done)", self._line())
-        self._mode = "off"
+        """End the report (idempotent); the logging redirect of a bar is undone."""
+        with _LOCK:
+            if self._mode == "bar":
+                self._bar.close()
+                self._redirect.close()
+                _REDIRECTS["open"] -= 1
+            elif self._mode == "log" and self.done > self._initial:
+                log.info("%s (done)", self._line())
+            self._mode = "off"
 
     def __enter__(self) -> Progress:
         return self

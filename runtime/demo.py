@@ -21,7 +21,7 @@ import gmner_rt
 from gmner_rt.draw import Verdict, draw_panel
 from gmner_rt.errors import InputError
 from gmner_rt.extractor import DEFAULT_BUNDLE, Extraction
-from gmner_rt.metrics import region_correct
+from gmner_rt.metrics import normalize_mention, region_correct
 from gmner_rt.predictions import iter_json_objects
 from gmner_rt.vision import to_rgb
 
@@ -107,8 +107,8 @@ def _why_wrong(entity, golds: list[_Gold]) -> str:
 
 
 def judge(extraction: Extraction, golds: list[_Gold]) -> tuple[list[Verdict], list[_Gold]]:
-    """Each prediction right or wrong (mention, type and region; each gold entity used once,
-    in order), and the gold entities no prediction names at all."""
+    """Each prediction right or wrong (mention, type and region as the hindex protocol reads
+    them; each gold entity used once, in order), and the gold entities no prediction names."""
     left = list(golds)
     verdicts = []
     for entity in extraction.records:
@@ -116,7 +116,8 @@ def judge(extraction: Extraction, golds: list[_Gold]) -> tuple[list[Verdict], li
             (
                 g
                 for g in left
-                if (g.mention, g.type) == (entity.mention, entity.type)
+                if (normalize_mention(g.mention), g.type)
+                == (normalize_mention(entity.mention), entity.type)
                 and region_correct(entity.boxes, g.boxes)
             ),
             None,

@@ -50,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=PROTOCOLS,
         default="hindex",
-        help="hindex (default: the H-Index rule, README 'Metrics') or e2e (the E2E-GMNER reference's evaluator, on the "
-        "raw model-space text)",
+        help="hindex (default: the H-Index rule, README 'Metrics') or e2e (the E2E-GMNER "
+        "reference's evaluator, on the raw model-space text)",
     )
     parser.add_argument("--json", type=Path, help="also write the scores as JSON here")
     gen = parser.add_argument_group("generate, then score (--model or --bundle)")
@@ -90,9 +90,11 @@ def score_file(data: Path, split: str, pred: Path, protocol: str = "hindex") -> 
             f"{pred}: {len(unknown)} image id(s) not in the {split} split of {data}, "
             f"e.g. {', '.join(unknown[:3])}"
         )
+    if protocol != "e2e":
+        return evaluate(gold, outputs, protocol=protocol)
     texts = read_model_texts(pred)
     lacking = sorted(set(outputs) - set(texts))
-    if protocol == "e2e" and lacking:
+    if lacking:
         raise InputError(
             f"{pred}: --protocol e2e scores the text as the model generated it (fields raw, "
             f"image_size, model_size), and {len(lacking)} row(s) lack it, e.g. "
@@ -117,9 +119,10 @@ def format_report(report: EvalReport) -> str:
             f"  {etype:<6} GMNER F1 {100 * g.f1:6.2f}  MNER F1 {100 * m.f1:6.2f}"
             f"  (gold {g.gold}, pred {g.predicted})"
         )
+    dropped = f", {report.dropped} dropped by the protocol" if report.dropped else ""
     rows.append(
-        f"protocol {report.protocol}; {report.tweets} tweets, {report.missing} without a "
-        f"prediction; {report.malformed} malformed segment(s)"
+        f"protocol {report.protocol}; {report.tweets} tweets{dropped}, {report.missing} "
+        f"without a prediction; {report.malformed} malformed segment(s)"
     )
     return "\n".join(rows)
 

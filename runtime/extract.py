@@ -23,9 +23,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import gmner_rt
-from gmner_rt.images import image_size
 from gmner_rt.errors import BundleError, InputError
 from gmner_rt.extractor import Extraction, Extractor
+from gmner_rt.images import image_size
 from gmner_rt.predictions import iter_json_objects
 from gmner_rt.providers import ENV_PROVIDER, PROVIDERS
 

@@ -71,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args, args.config, args.recipe)
     except (ValueError, OSError) as exc:  # a bad value or YAML file: named, no traceback
-        where = f"--config {args.config}: " if args.config else ""
-        raise InputError(f"{where}{exc}") from None
+        raise InputError(str(exc)) from None
     from .loop import train  # torch is imported only when training runs
 
     pos = train(cfg, resume=args.resume)

@@ -10,6 +10,7 @@ This module knows nothing about torch or models.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import re
 import types
@@ -240,8 +241,9 @@ class EvalConfig:
         max_new_tokens: generation budget per tweet.
         batch_size: tweets per generation batch.
         protocol: the metrics protocol that selects the best dev checkpoint: ``hindex``
-            (default; the H-Index rule of README's Metrics section) or ``e2e`` (the reference's evaluator, on the
-            raw model-space text). Both are computed and logged every epoch.
+            (default; the H-Index rule of README's Metrics section) or ``e2e`` (the
+            reference's evaluator, on the raw model-space text). Both are computed and logged
+            every epoch.
     """
 
     enabled: bool = True
@@ -320,6 +322,10 @@ def _build(cls: type, values: dict, prefix: str = ""):
                 kwargs[name] = _parse_bool(value) if isinstance(value, str) else bool(value)
             except argparse.ArgumentTypeError as exc:
                 raise ValueError(f"{prefix}{name}: {exc}") from None
+        elif hint is int and (
+            isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())
+        ):
+            raise ValueError(f"{prefix}{name}: expected int, got {value!r}")
         else:
             try:
                 kwargs[name] = hint(value)
@@ -343,7 +349,12 @@ def recipe_path(name: str) -> Path:
 
 
 def _read_tree(path: str | Path) -> dict:
-    loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     return loaded
@@ -371,6 +382,10 @@ def load_config(
     tree: dict = _read_tree(recipe_path(recipe)) if recipe is not None else {}
     if path is not None:
         tree = _merge_tree(tree, _read_tree(path))
+        try:  # a bad value in the file: named with the file
+            _build(TrainConfig, copy.deepcopy(tree))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     for dotted, value in (overrides or {}).items():
         node = tree
         *parents, leaf = dotted.split(".")

@@ -14,9 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
+from gmner_rt.cli_flags import add_path_list
 from gmner_rt.data import available_splits, load_split, split_stats
 from gmner_rt.errors import DataError, InputError
-from gmner_rt.cli_flags import add_path_list
 from gmner_rt.prompt import PROMPT_STYLES
 
 from .sft import PAPER_MAX_PIXELS, PAPER_MIN_PIXELS, SftConfig, write_sft

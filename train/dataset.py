@@ -127,9 +127,7 @@ def encode_prompt(
     """Token ids (image pads expanded), pixel values and grid of the prompt. The tweet is
     encoded as plain text and spliced in (:mod:`gmner_rt.text_ids`), exactly as the runtime
     does: control tokens typed in a tweet stay text."""
-    messages = prompt_messages(
-        {**row, "text": TEXT_SENTINEL}, image, use_cot, style, system_prompt
-    )
+    messages = prompt_messages({**row, "text": TEXT_SENTINEL}, image, use_cot, style, system_prompt)
     rendered = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     out = processor(text=[rendered], images=[image], return_tensors="pt")
     s = _plain_text(processor).splice(out["input_ids"][0].tolist(), row["text"])

@@ -84,9 +84,7 @@ def pick_examples(tweets, count: int = EXAMPLE_COUNT, seed: int = EXAMPLE_SEED) 
     something to check), in split order."""
     import numpy as np
 
-    pool = [
-        t for t in tweets if len(t.entities) >= 2 and any(r.boxes for r in t.records())
-    ]
+    pool = [t for t in tweets if len(t.entities) >= 2 and any(r.boxes for r in t.records())]
     if len(pool) < count:
         raise ValueError(f"only {len(pool)} test tweets qualify as examples, {count} wanted")
     chosen = np.random.default_rng(seed).choice(len(pool), size=count, replace=False)

@@ -22,8 +22,8 @@ from gmner_rt.metrics import PROTOCOLS, EvalReport, evaluate
 from gmner_rt.predictions import ModelText, write_predictions
 
 from . import distributed
-from .modeling import library_deprecations_filtered
 from .dataset import ExampleSettings, collate, encode_example, prompt_example, row_records
+from .modeling import library_deprecations_filtered
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,14 @@ def _generate(
 ) -> dict[str, tuple[str, ModelText]]:
     """This process's outputs: per image id, (text in original pixels, text as generated)."""
     model.eval()
+    with progress.Progress(len(rows), "generate", "tweet", enabled=distributed.is_main()) as bar:
+        return _generate_rows(model, processor, rows, settings, bar, max_new_tokens, batch_size)
+
+
+def _generate_rows(model, processor, rows, settings, bar, max_new_tokens, batch_size) -> dict:
     tok = processor.tokenizer
     device = next(model.parameters()).device
     outputs: dict[str, tuple[str, ModelText]] = {}
-    bar = progress.Progress(len(rows), "generate", "tweet")
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         examples = [
@@ -112,7 +116,6 @@ def _generate(
             model_text = ModelText(text, (w, h), geo.model_size)
             outputs[row["id"]] = (answer_to_original(text, geo), model_text)
         bar.update(len(chunk))
-    bar.close()
     return outputs
 
 
@@ -182,9 +185,7 @@ def score_generated(
         write_predictions(pred_path, generated.outputs, model_texts=generated.texts)
     gold = {row["id"]: row_records(row) for row in rows}
     return {
-        protocol: evaluate(
-            gold, generated.outputs, protocol=protocol, model_texts=generated.texts
-        )
+        protocol: evaluate(gold, generated.outputs, protocol=protocol, model_texts=generated.texts)
         for protocol in PROTOCOLS
     }
 

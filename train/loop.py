@@ -506,59 +506,60 @@ def _train(cfg: TrainConfig, device, resume, stop_after_steps, on_step) -> Posit
     )
     bar = progress.Progress(total, "train", "step", initial=pos.step, enabled=main)
     saved = pos.step if ckpt is not None else -1
-    while pos.epoch < cfg.optim.epochs:
-        if pos.step >= total and pos.batch == 0:
-            break
-        plan = distributed.step_plan(n_batches, pos.batch, per_step, rank, world)
-        plan = plan[: max(0, total - pos.step)]  # nothing loaded past max_steps
-        sampler.start(pos.epoch, [n for share in plan for n in share.batches])
-        micro = iter(loader)
-        t0 = time.perf_counter()
-        for share in plan:
-            model.train()
-            running, tokens = torch.zeros((), device=device), 0
-            for k in range(len(share.batches)):
-                batch, count = next(micro)
-                with distributed.no_sync(trained, sync=k == len(share.batches) - 1):
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        loss = trained(**to_device(batch, device)).loss
-                    distributed.scale_loss(loss, share).backward()
-                if share.real:
-                    running += loss.detach() / share.size
-                    tokens += count  # counted on the host
-            if cfg.optim.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], cfg.optim.max_grad_norm
-                )
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step_loss, tokens = distributed.step_totals(running, tokens)
-            pos.batch += share.size
-            pos.step += 1
-            pos.losses.append(step_loss)
-            bar.update(1, loss=step_loss)
-            _log_metrics(run, _step_row(pos, step_loss, lr, tokens, t0, device), writer)
-            if on_step is not None:
-                on_step(pos)
+    try:
+        while pos.epoch < cfg.optim.epochs:
+            if pos.step >= total and pos.batch == 0:
+                break
+            plan = distributed.step_plan(n_batches, pos.batch, per_step, rank, world)
+            plan = plan[: max(0, total - pos.step)]  # nothing loaded past max_steps
+            sampler.start(pos.epoch, [n for share in plan for n in share.batches])
+            micro = iter(loader)
             t0 = time.perf_counter()
-            if cfg.output.save_every and pos.step % cfg.output.save_every == 0:
+            for share in plan:
+                model.train()
+                running, tokens = torch.zeros((), device=device), 0
+                for k in range(len(share.batches)):
+                    batch, count = next(micro)
+                    with distributed.no_sync(trained, sync=k == len(share.batches) - 1):
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                            loss = trained(**to_device(batch, device)).loss
+                        distributed.scale_loss(loss, share).backward()
+                    if share.real:
+                        running += loss.detach() / share.size
+                        tokens += count  # counted on the host
+                if cfg.optim.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in model.parameters() if p.requires_grad], cfg.optim.max_grad_norm
+                    )
+                lr = sched.get_last_lr()[0]
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step_loss, tokens = distributed.step_totals(running, tokens)
+                pos.batch += share.size
+                pos.step += 1
+                pos.losses.append(step_loss)
+                bar.update(1, loss=step_loss)
+                _log_metrics(run, _step_row(pos, step_loss, lr, tokens, t0, device), writer)
+                if on_step is not None:
+                    on_step(pos)
+                t0 = time.perf_counter()
+                if cfg.output.save_every and pos.step % cfg.output.save_every == 0:
+                    _save(run, model, processor, opt, sched, pos, cfg, device)
+                    saved = pos.step
+                if stop_after_steps is not None and pos.step >= stop_after_steps:
+                    return pos
+            if pos.batch >= n_batches:  # also a resumed run saved at its epoch's last step
+                pos.epoch, pos.batch = pos.epoch + 1, 0
+                dev = rows.get(cfg.data.dev_split)
+                if cfg.eval.enabled and dev:
+                    _evaluate_epoch(model, processor, dev, cfg, run, pos, writer)
                 _save(run, model, processor, opt, sched, pos, cfg, device)
                 saved = pos.step
-            if stop_after_steps is not None and pos.step >= stop_after_steps:
-                bar.close()
-                return pos
-        if pos.batch >= n_batches:  # also a resumed run saved at its epoch's last step
-            pos.epoch, pos.batch = pos.epoch + 1, 0
-            dev = rows.get(cfg.data.dev_split)
-            if cfg.eval.enabled and dev:
-                _evaluate_epoch(model, processor, dev, cfg, run, pos, writer)
-            _save(run, model, processor, opt, sched, pos, cfg, device)
-            saved = pos.step
-        elif pos.step >= total:  # max_steps ended the run inside an epoch
-            break
-    bar.close()
+            elif pos.step >= total:  # max_steps ended the run inside an epoch
+                break
+    finally:
+        bar.close()
     if saved != pos.step:  # a run shorter than an epoch still leaves a usable checkpoint
         _save(run, model, processor, opt, sched, pos, cfg, device)
     _final_test(model, processor, rows, cfg, run, pos, writer)

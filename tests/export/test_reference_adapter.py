@@ -57,7 +57,10 @@ def _reference_ids(processor, text: str, image) -> list[int]:
         {"role": "system", "content": REFERENCE_SYSTEM},
         {
             "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": (REFERENCE_INSTRUCTION + text).strip()}],
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": (REFERENCE_INSTRUCTION + text).strip()},
+            ],
         },
     ]
     rendered = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -139,7 +142,9 @@ def test_plain_peft_adapter_export_needs_prompt_then_matches_reference(
     for i, text in enumerate(TEXTS):
         image = Image.new("RGB", (224, 160 + 20 * i), (40, 90, 150))
         expected = _reference_ids(processor, text, image)
-        grid = tuple(int(v) for v in processor(text=["<|image_pad|>"], images=[image])["image_grid_thw"][0])
+        grid = tuple(
+            int(v) for v in processor(text=["<|image_pad|>"], images=[image])["image_grid_thw"][0]
+        )
         assert extractor.prompt_ids(text, grid, think=True) == expected, text
     result = extractor.extract(Image.new("RGB", (224, 160)), TEXTS[0], max_new_tokens=16)
     assert result.image_size == (224, 160)

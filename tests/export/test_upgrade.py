@@ -56,7 +56,9 @@ def _as_old_format_1(bundle: Path, out: Path) -> Path:
 
 def test_upgrade_gives_a_format_2_bundle_with_the_same_tokens(tiny_bundle, tmp_path, caplog):
     old = _as_old_format_1(tiny_bundle, tmp_path / "v1")
-    assert gmner_main(["export", "upgrade", "--bundle", str(old), "--out", str(tmp_path / "v2")]) == 0
+    assert (
+        gmner_main(["export", "upgrade", "--bundle", str(old), "--out", str(tmp_path / "v2")]) == 0
+    )
     new = gmner_rt.load(tmp_path / "v2")
     assert new.bundle.manifest.format_version == 2 and new.bundle.verifies_drafts
     assert "Upgraded from bundle format 1" in (tmp_path / "v2" / "README.md").read_text()

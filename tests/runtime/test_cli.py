@@ -403,8 +403,9 @@ def test_eval_e2e_protocol_on_gold_scores_1(v2_subset, tmp_path, caplog):
         size = t.image_size or (640, 480)
         geo = ImageGeometry.for_image(*size, min_pixels=56 * 56, max_pixels=448 * 448)
         raw = format_answer([r.map_boxes(geo.to_model) for r in t.records()])
-        outputs[t.img_id], texts[t.img_id] = format_answer(t.records()), ModelText(
-            raw, size, geo.model_size
+        outputs[t.img_id], texts[t.img_id] = (
+            format_answer(t.records()),
+            ModelText(raw, size, geo.model_size),
         )
     pred = tmp_path / "pred.jsonl"
     write_predictions(pred, outputs, model_texts=texts)

@@ -98,10 +98,16 @@ def test_bad_config_values_are_named_errors_without_traceback(tmp_path, caplog, 
     bad = tmp_path / "run.yaml"
     bad.write_text("optim:\n  lr: fast\n", encoding="utf-8")
     assert cli.main(["train", "--config", str(bad)]) == 2
-    assert f"--config {bad}: optim.lr: expected float, got 'fast'" in caplog.text
+    assert f"{bad}: optim.lr: expected float, got 'fast'" in caplog.text
     bad.write_text("optim:\n  scheduler: linear\n", encoding="utf-8")
     assert cli.main(["train", "--config", str(bad)]) == 2
-    assert "--optim.scheduler must be one of cosine, constant, got 'linear'" in caplog.text
+    assert f"{bad}: --optim.scheduler must be one of cosine, constant, got 'linear'" in caplog.text
+    bad.write_text("optim:\n  epochs: 2.7\n", encoding="utf-8")
+    assert cli.main(["train", "--config", str(bad)]) == 2
+    assert f"{bad}: optim.epochs: expected int, got 2.7" in caplog.text
+    bad.write_text("optim: [unclosed\n", encoding="utf-8")
+    assert cli.main(["train", "--config", str(bad)]) == 2
+    assert f"{bad}: not valid YAML" in caplog.text
 
 
 def test_export_help_does_not_make_an_action_look_required(capsys):
@@ -148,7 +154,9 @@ def test_a_checkpoint_given_as_bundle_points_at_gmner_export(tmp_path, caplog):
 def test_an_unknown_split_lists_the_splits_there(v2_subset, tmp_path, caplog):
     pred = tmp_path / "p.jsonl"
     pred.write_text("", encoding="utf-8")
-    assert cli.main(["eval", "--data", str(v2_subset), "--split", "valid", "--pred", str(pred)]) == 2
+    assert (
+        cli.main(["eval", "--data", str(v2_subset), "--split", "valid", "--pred", str(pred)]) == 2
+    )
     assert "no 'valid' split" in caplog.text and "splits here: train, dev" in caplog.text
 
 

@@ -109,7 +109,9 @@ def test_gmner_demo_writes_annotated_images_and_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "mention" in printed and '"records"' in printed
     for row in results:  # a score line per example, as judged
-        assert f"{row['id']}: {row['correct']} of {len(row['records'])} predictions right" in printed
+        assert (
+            f"{row['id']}: {row['correct']} of {len(row['records'])} predictions right" in printed
+        )
     assert (tmp_path / "overview.png").is_file()
 
 
