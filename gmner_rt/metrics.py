@@ -41,6 +41,8 @@ from .records import EntityRecord, parse_output
 __all__ = [
     "PROTOCOLS",
     "ModelText",
+    "RewardWeights",
+    "reward",
     "e2e_gold_text",
     "Counts",
     "EvalReport",
@@ -450,3 +452,84 @@ def evaluate(
         protocol=protocol,
         dropped=dropped,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward of one completion (reinforcement learning after SFT)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """How one completion is rewarded against its gold records (issue #26's reward).
+
+    Each gold entity earns ``full`` when a prediction matches it on mention, type and region
+    (the protocol's GMNER matching), else ``partial`` when one matches it on mention and type
+    only (the box wrong or missing). Each prediction that matches no gold entity on mention and
+    type costs ``spurious``; each segment that does not parse costs ``malformed``; an answer
+    that is missing or not closed (``</answer>``) costs ``unclosed``. The sum is divided by
+    the larger of the gold count and the segments written (records and malformed ones; at
+    least 1), so a perfect answer scores ``full`` whatever the tweet, and a tweet without
+    entities answered ``None`` scores ``full``. This is the one definition of the reward; a
+    reinforcement stage takes it from here.
+
+    Attributes:
+        full: credit per gold entity found with its region (> 0).
+        partial: credit per gold entity found with mention and type only (0 <= partial <= full).
+        spurious: penalty per prediction that names no gold entity (>= 0).
+        malformed: penalty per answer segment that does not parse (>= 0).
+        unclosed: penalty when the answer is missing or not closed (>= 0).
+        protocol: the matching rules, ``hindex`` (default) or ``e2e``.
+    """
+
+    full: float = 1.0
+    partial: float = 0.5
+    spurious: float = 0.5
+    malformed: float = 0.5
+    unclosed: float = 1.0
+    protocol: str = "hindex"
+
+    def __post_init__(self) -> None:
+        def real(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+                raise ValueError(f"reward.{name}: expected a number, got {value!r}")
+            return float(value)
+
+        if real("full") <= 0:
+            raise ValueError(f"reward.full: must be > 0, got {self.full!r}")
+        if not 0 <= real("partial") <= self.full:
+            raise ValueError(f"reward.partial: must be in [0, full], got {self.partial!r}")
+        for name in ("spurious", "malformed", "unclosed"):
+            if real(name) < 0:
+                raise ValueError(f"reward.{name}: must be >= 0, got {getattr(self, name)!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(
+                f"reward.protocol: expected one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"
+            )
+
+
+def reward(
+    text: str, gold: Sequence[EntityRecord], weights: RewardWeights = RewardWeights()
+) -> float:
+    """The reward of one generated ``text`` against ``gold`` (boxes in the text's space: a
+    completion in model pixels is scored against gold mapped to model pixels). Never raises
+    on what a model writes."""
+    parsed = parse_output(text or "")
+    if weights.protocol == "hindex":
+        preds, bad = _read_hindex(text or "")
+        golds = _gold(gold)
+    else:
+        preds, bad = _read_e2e((text or "").strip())
+        golds = [_Pred(r.mention.strip(), r.type, r.boxes) for r in gold]
+    rule = weights.protocol
+    found = max_matching(len(preds), _edges(preds, golds, typed=True, regional=True, rule=rule))
+    named = max_matching(len(preds), _edges(preds, golds, typed=True, regional=False, rule=rule))
+    parsed_preds = sum(p.parsed for p in preds)
+    score = weights.full * found + weights.partial * (named - found)
+    if not golds and not parsed_preds:  # nothing to find, and nothing claimed: right
+        score = weights.full
+    score -= weights.spurious * (parsed_preds - named) + weights.malformed * bad
+    if not parsed.answer_closed:
+        score -= weights.unclosed
+    return score / max(1, len(golds), parsed_preds + bad)
