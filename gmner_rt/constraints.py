@@ -253,6 +253,9 @@ class RequestConstraint:
         self.state: State = grammar.initial
         self.think_tokens = 0
         self.forced_tokens = 0
+        #: the token budget narrowed a choice (to close the answer in time): the output may
+        #: be shorter than the model would have written
+        self.budget_limited = False
         self._masks: dict[State, TokenMask] = {}
         self._closings: dict[State, bytes] = {}
         self._longest: dict[State, int] = {}
@@ -278,11 +281,23 @@ class RequestConstraint:
     def snapshot(self) -> tuple:
         """Where the request stands, for :meth:`restore` (drafting tries tokens, then puts
         the constraint back)."""
-        return (self.state, self.think_tokens, self.forced_tokens, self._unforced)
+        return (
+            self.state,
+            self.think_tokens,
+            self.forced_tokens,
+            self._unforced,
+            self.budget_limited,
+        )
 
     def restore(self, snapshot: tuple) -> None:
         """Go back to a :meth:`snapshot` of this constraint."""
-        self.state, self.think_tokens, self.forced_tokens, self._unforced = snapshot
+        (
+            self.state,
+            self.think_tokens,
+            self.forced_tokens,
+            self._unforced,
+            self.budget_limited,
+        ) = snapshot
 
     # -- masks -----------------------------------------------------------------------------
 
@@ -294,7 +309,10 @@ class RequestConstraint:
             mask = self._state_mask(state)
             self._masks[state] = mask
         if remaining - 1 < self.grammar.max_closing:
-            mask = self._fitting(mask, remaining - 1)
+            fitted = self._fitting(mask, remaining - 1)
+            if fitted.allow != mask.allow or not np.array_equal(fitted.ids, mask.ids):
+                self.budget_limited = True
+            mask = fitted
         return mask
 
     def _state_mask(self, state: State) -> TokenMask:
@@ -361,6 +379,7 @@ class RequestConstraint:
         if remaining <= self.grammar.max_closing + 1:  # no closing is longer than that
             closing = self._closing(self.state)
             if len(closing) >= remaining or self._nothing_fits(remaining):
+                self.budget_limited = self.budget_limited or bool(closing)
                 return self._take(closing, all_of_it=True)
         if self.think_budget_spent():
             return self._take(self._think_exit(), all_of_it=True)

@@ -261,8 +261,9 @@ def draw_panel(
     for e in missed:
         lines.append((f"missed  {e.mention} ({e.type}), dashed", WRONG_COLOUR))
     lines.append(("solid, numbered: predicted; dashed: gold", (110, 110, 110)))
+    lines.append(("number tags: green right, red wrong", (110, 110, 110)))
     types = ", ".join(f"{t} {name}" for t, name in _COLOUR_NAMES.items())
-    lines.append((f"colours: {types}", (110, 110, 110)))
+    lines.append((f"box colours: {types}", (110, 110, 110)))
     wrapped: list[tuple[str, RGB]] = []
     for text_line, colour in lines:
         wrapped += [(t, colour) for t in _wrap(draw, text_line, font, width - 16) or [""]]

@@ -92,7 +92,8 @@ class Extraction:
         timings: seconds per stage (floats: preprocess, vision, prefill, decode, choose:
             picking tokens, the grammar's masks included, total), and counts (ints): generated
             tokens (tokens), decoder calls for the batch, prefill included (steps), tokens
-            the grammar forced (forced_tokens), and, for the batch, tokens drafted by
+            the grammar forced (forced_tokens), whether the token budget narrowed a choice to
+            close the answer in time (budget_limited, 0 or 1), and, for the batch, tokens drafted by
             speculation and those the model accepted (drafted_tokens, accepted_tokens; 0
             without speculation). With speculation, draft: proposing and checking drafts.
     """
@@ -503,6 +504,8 @@ class Extractor:
             "tokens": len(tokens),
             "steps": result.steps,
             "forced_tokens": constraint.forced_tokens if constraint else 0,
+            # 1 when the token budget narrowed a choice to close the answer in time
+            "budget_limited": int(constraint.budget_limited) if constraint else 0,
             "drafted_tokens": result.drafted,
             "accepted_tokens": result.accepted,
         }

@@ -38,6 +38,14 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return width, height
 
 
+def _reason(exc: BaseException) -> str:
+    """PIL's message without the repr of an in-memory file it may hold."""
+    text = str(exc)
+    if "<_io." in text:
+        return type(exc).__name__ if "cannot identify" not in text else "cannot identify the format"
+    return text
+
+
 def _not_a_folder(path: str | Path) -> None:
     if Path(path).is_dir():
         raise InputError(f"{path}: is a folder, not an image file")
@@ -61,7 +69,7 @@ def open_image(source: str | Path | bytes) -> Image.Image:
     except FileNotFoundError:
         raise InputError(f"{name}: image not found") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{name}: not a readable image ({exc})") from None
+        raise InputError(f"{name}: not a readable image ({_reason(exc)})") from None
 
 
 def check_pixel_count(width: int, height: int, name: str = "image") -> None:

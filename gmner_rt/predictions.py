@@ -5,7 +5,8 @@ runs also carry the model's text as generated (``raw``, boxes in MODEL pixels) w
 ``image_size`` and ``model_size`` (``[w, h]``), which the ``e2e`` protocol scores as the
 reference code does. A corpus run (``gmner extract --batch ... --out``) writes
 ``{"img_id": "...", "error": "..."}`` for a row it could not run (an unreadable image): such
-error records are read as no prediction for that id. Read by ``gmner eval --pred``. This module
+error records are read as no prediction for that id, unless a later record of a rerun gives
+one. Read by ``gmner eval --pred``. This module
 knows nothing about models or metrics.
 """
 
@@ -85,12 +86,11 @@ def read_predictions(path: str | Path) -> dict[str, str]:
         if not isinstance(img_id, str) or not img_id:
             raise InputError(f"{where}: field img_id must be a non-empty string, got {img_id!r}")
         if "output" not in row and isinstance(row.get("error"), str):  # an error record
-            if img_id in outputs or img_id in errors:
+            if img_id in outputs:
                 raise InputError(f"{where}: img_id {img_id!r} appears twice")
-            errors.add(img_id)
+            errors.add(img_id)  # a row retried and failed again is one error
             continue
-        if img_id in errors:
-            raise InputError(f"{where}: img_id {img_id!r} appears twice")
+        errors.discard(img_id)  # a retried row's prediction supersedes its error record
         if not isinstance(output, str):
             raise InputError(f"{where}: field output must be a string, got {type(output).__name__}")
         if img_id in outputs:

@@ -184,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("-v/--verbose and -q/--quiet exclude each other")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:  # gmner's own debug lines, not every library's (PIL's PNG chunks)
+        for noisy in ("PIL", "urllib3", "filelock", "fsspec", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.INFO)
     progress.configure(enabled=not args.quiet)
     try:
         return int(_load(args.command).run(args) or 0)

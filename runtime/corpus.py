@@ -90,8 +90,10 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def done_ids(out: Path) -> set[str]:
-    """Ids already in the output file. A last line cut short (a killed run) is removed from
-    the file; any other line that is not a record is an error naming it."""
+    """Ids already predicted in the output file (rows with an error record are not: a rerun
+    tries them again, and its record supersedes the error). A last line cut short (a killed
+    run) is removed from the file; any other line that is not a record is an error naming
+    it."""
     if not out.exists():
         return set()
     data = out.read_bytes()
@@ -101,11 +103,15 @@ def done_ids(out: Path) -> set[str]:
         with out.open("r+b") as f:
             f.truncate(end)
     ids: set[str] = set()
+    failed: set[str] = set()
     for where, row in iter_json_objects(out, "img_id and output or error"):
         img_id = row.get("img_id")
         if not isinstance(img_id, str) or not ("output" in row or "error" in row):
             raise InputError(f"{where}: not a prediction record (img_id and output or error)")
-        ids.add(img_id)
+        (ids if "output" in row else failed).add(img_id)
+    retried = failed - ids
+    if retried:  # an error record is run again: the image may have been fixed since
+        log.info("%s: %d row(s) with an error record will be tried again", out, len(retried))
     return ids
 
 

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=Path("out/demo"),
-        help="where results.json and the annotated images go",
+        help="where results.json and the panels go (default out/demo)",
     )
     parser.add_argument(
         "--retrain",
@@ -103,7 +103,7 @@ def _why_wrong(entity, golds: list[_Gold]) -> str:
         return "the image does not show it"
     if entity.boxes is None:
         return "the image shows it"
-    return "the box is in another place"
+    return "the box is in another place (gold: the dashed one)"
 
 
 def judge(extraction: Extraction, golds: list[_Gold]) -> tuple[list[Verdict], list[_Gold]]:

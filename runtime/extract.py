@@ -267,13 +267,39 @@ def _read_text(args: argparse.Namespace) -> str:
     return text
 
 
+#: File extensions --draw writes.
+_DRAW_FORMATS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def warn_if_cut(extraction, extractor, max_new_tokens: int | None, where: str = "") -> None:
+    """A warning when generation stopped at the token budget: the answer may be cut short or
+    forced early (a reasoning that used the budget leaves no room for records)."""
+    limit = max_new_tokens
+    if limit is None:
+        limit = extractor.bundle.manifest.generation.default_max_new_tokens
+    timings = extraction.timings
+    if timings.get("budget_limited") or timings.get("tokens", 0) >= limit:
+        log.warning(
+            "%sgeneration stopped at the budget of %d new tokens: the answer may be cut short "
+            "or forced to end early; raise --max-new-tokens (or use --think off)",
+            where,
+            limit,
+        )
+
+
 def _run_one(args: argparse.Namespace) -> int:
     image_size(args.image)  # a missing, folder or unreadable --image: named before the load
     text = _read_text(args)
     if args.draw is not None and not args.draw.parent.is_dir():
         raise InputError(f"--draw {args.draw}: folder {args.draw.parent} does not exist")
+    if args.draw is not None and args.draw.suffix.lower() not in _DRAW_FORMATS:
+        raise InputError(
+            f"--draw {args.draw}: unknown image format {args.draw.suffix or '(no extension)'}; "
+            f"use one of {', '.join(sorted(_DRAW_FORMATS))}"
+        )
     extractor = load_extractor(args.bundle, **load_options(args))
     extraction = extractor.extract(args.image, text, **decoding_options(args))
+    warn_if_cut(extraction, extractor, args.max_new_tokens)
     if args.json:
         print(readable_json(extraction.to_dict()))
     else:
@@ -337,6 +363,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         pairs = [(row["_path"], row["text"]) for row in chunk]
         results = extractor.extract_batch(pairs, **decoding_options(args))
         for row, extraction in zip(chunk, results, strict=True):
+            warn_if_cut(extraction, extractor, args.max_new_tokens, f"row {row.get('id', '')}: ")
             fields = {k: v for k, v in row.items() if k != "_path"}
             print(json.dumps({**fields, **extraction.to_dict()}, ensure_ascii=False))
         sys.stdout.flush()
@@ -363,7 +390,8 @@ def _run_corpus(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
     )
     print(
-        f"{report.written} predictions, {report.errors} error records written to {args.out} "
+        f"{report.written} predictions, {report.errors} error record"
+        f"{'' if report.errors == 1 else 's'} written to {args.out} "
         f"({report.skipped} of {report.rows} rows were there already) in {report.seconds:.1f} s"
     )
     return 0

@@ -27,6 +27,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -282,6 +283,13 @@ def create_app(
     async def model(request: Request) -> JSONResponse:
         return JSONResponse(model_info(extractor, batch, limits))
 
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own errors (unknown path, wrong method) as JSON like the rest."""
+        allowed = (exc.headers or {}).get("Allow")
+        hint = f"; allowed: {allowed}" if allowed else ""
+        message = f"{request.method} {request.url.path}: {exc.detail}{hint}"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
     return Starlette(
         routes=[
             Route("/v1/extract", extract, methods=["POST"]),
@@ -289,6 +297,7 @@ def create_app(
             Route("/v1/model", model, methods=["GET"]),
         ],
         lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
     )
 
 

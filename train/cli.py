@@ -72,6 +72,20 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args, args.config, args.recipe)
     except (ValueError, OSError) as exc:  # a bad value or YAML file: named, no traceback
         raise InputError(str(exc)) from None
+    missing = [
+        flag
+        for flag, value in (
+            ("--model", cfg.model.path),
+            ("--data", cfg.data.dir),
+            ("--images", cfg.data.images),
+        )
+        if not value
+    ]
+    if missing:
+        raise InputError(
+            f"gmner train needs {', '.join(missing)} (or model.path / data.dir / data.images "
+            "in --config); see gmner train --help"
+        )
     from .loop import train  # torch is imported only when training runs
 
     pos = train(cfg, resume=args.resume)

@@ -72,7 +72,7 @@ class ModelConfig:
     """The base model and how it is run.
 
     Attributes:
-        path: local Qwen2.5-VL directory (``--model.path``).
+        path: local Qwen2.5-VL directory (``gmner train --model``).
         dtype: auto (bf16 where supported, else fp32), float32, bfloat16 or float16.
         device: auto (cuda, then mps, then cpu), cuda, mps or cpu.
         min_pixels: smallest image area the model sees (paper: 256 x 28 x 28).

@@ -46,8 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="splits",
         help="split to write (repeatable; default: every split present)",
     )
-    sft.add_argument("--min-pixels", type=int, default=PAPER_MIN_PIXELS)
-    sft.add_argument("--max-pixels", type=int, default=PAPER_MAX_PIXELS)
+    sft.add_argument(
+        "--min-pixels",
+        type=int,
+        default=PAPER_MIN_PIXELS,
+        help=f"smallest image area the model sees (default {PAPER_MIN_PIXELS}: 256 x 28 x 28)",
+    )
+    sft.add_argument(
+        "--max-pixels",
+        type=int,
+        default=PAPER_MAX_PIXELS,
+        help=f"largest image area the model sees (default {PAPER_MAX_PIXELS}: 1024 x 28 x 28)",
+    )
     sft.add_argument(
         "--prompt",
         choices=PROMPT_STYLES,

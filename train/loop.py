@@ -67,7 +67,7 @@ class Position:
 def load_rows(cfg: TrainConfig) -> dict[str, list[dict]]:
     """Training rows per split (train, and dev / test when present)."""
     if not cfg.data.dir or not cfg.data.images:
-        raise InputError("--data.dir and --data.images are required")
+        raise InputError("training needs --data DIR and --images DIR (data.dir, data.images)")
     sft = SftConfig(
         image_dirs=tuple(Path(p) for p in cfg.data.images.split(",")),
         min_pixels=cfg.model.min_pixels,

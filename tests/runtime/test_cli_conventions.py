@@ -179,3 +179,22 @@ def test_progress_logs_at_an_interval_off_a_terminal_and_nothing_when_quiet(capl
         assert not [r for r in caplog.records if r.name == "gmner.progress"]
     finally:
         progress.configure(enabled=True, interval_s=30)
+
+
+def test_an_answer_cut_by_the_token_budget_is_announced(caplog):
+    """A budget the reasoning uses up forces the answer closed early: the command says so,
+    and the timings flag it; with room to spare, nothing is said."""
+    import gmner_rt
+
+    image = Path(__file__).parents[2] / "examples" / "demo" / "3000028.png"
+    text = "Quillsoft , Port Alder"
+    short = gmner_rt.load().extract(image, text, max_new_tokens=60)
+    full = gmner_rt.load().extract(image, text)
+    assert short.timings["budget_limited"] == 1 and full.timings["budget_limited"] == 0
+    assert len(short.records) < len(full.records)
+    assert cli.main(["extract", "--image", str(image), "--text", text]) == 0
+    assert "budget" not in caplog.text
+    assert (
+        cli.main(["extract", "--image", str(image), "--text", text, "--max-new-tokens", "60"]) == 0
+    )
+    assert "generation stopped at the budget of 60 new tokens" in caplog.text

@@ -86,12 +86,34 @@ def test_a_rerun_skips_written_ids_and_a_torn_line_is_cut(split, single, tmp_pat
     out = tmp_path / "preds.jsonl"
     lines = single.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:5]) + lines[5][:20])  # a run killed while writing line 6
-    assert len(done_ids(out)) == 5 and out.read_text() == "".join(lines[:5])
+    written = [json.loads(line) for line in lines[:5]]
+    predicted = {r["img_id"] for r in written if "output" in r}  # error rows are retried
+    assert done_ids(out) == predicted and out.read_text() == "".join(lines[:5])
     report = extract_corpus(split / "pairs.jsonl", out, decoding=DECODING, batch_size=4)
-    assert (report.skipped, report.written + report.errors) == (5, 7)
-    assert _records(out) == _records(single)
+    assert (report.skipped, report.written + report.errors) == (len(predicted), 12 - len(predicted))
+    assert _last_records(out) == _records(single)
     again = extract_corpus(split / "pairs.jsonl", out, decoding=DECODING)
-    assert (again.skipped, again.written, again.errors) == (12, 0, 0)
+    # the two rows with an error record are tried again (still unusable here)
+    assert (again.skipped, again.written, again.errors) == (10, 0, 2)
+    expected = {k for k, r in _records(single).items() if "output" in r}
+    assert read_predictions(out).keys() == expected
+
+
+def _last_records(path: Path) -> dict[str, dict]:
+    return {r["img_id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_a_rerun_predicts_a_row_whose_image_was_fixed(tmp_path):
+    image = next((Path(__file__).parents[2] / "examples" / "demo").glob("*.png"))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"id": "late", "image": "late.png", "text": "Ivy Calder"}) + "\n")
+    out = tmp_path / "preds.jsonl"
+    first = extract_corpus(pairs, out, decoding=DECODING)
+    assert (first.written, first.errors) == (0, 1) and read_predictions(out) == {}
+    (tmp_path / "late.png").write_bytes(image.read_bytes())  # the user fixes the image
+    second = extract_corpus(pairs, out, decoding=DECODING)
+    assert (second.skipped, second.written, second.errors) == (0, 1, 0)
+    assert list(read_predictions(out)) == ["late"]
 
 
 def test_the_command_line_writes_the_same_predictions(split, single, tmp_path, capsys):
@@ -157,6 +179,9 @@ def test_error_records_are_read_as_no_prediction(tmp_path, caplog):
     pred.write_text(json.dumps(ok) + "\n" + json.dumps(failed) + "\n")
     assert read_predictions(pred) == {"a": "<answer>None</answer>"}
     assert "1 error record(s)" in caplog.text
+    # a rerun's prediction for a row that had failed supersedes its error record
     pred.write_text(json.dumps(failed) + "\n" + json.dumps({**ok, "img_id": "b"}) + "\n")
+    assert read_predictions(pred) == {"b": "<answer>None</answer>"}
+    pred.write_text(json.dumps({**ok, "img_id": "b"}) + "\n" + json.dumps(failed) + "\n")
     with pytest.raises(InputError, match=r"pred.jsonl:2: img_id 'b' appears twice"):
         read_predictions(pred)

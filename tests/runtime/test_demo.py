@@ -73,7 +73,7 @@ def test_judge_marks_each_prediction_and_says_why():
     verdicts, missed = judge(extraction, golds)
     assert [(v.right, v.reason) for v in verdicts] == [
         (True, ""),
-        (False, "the box is in another place"),
+        (False, "the box is in another place (gold: the dashed one)"),
         (False, "the type is LOC"),
         (False, "not an entity of the tweet"),
         (False, "said twice"),

@@ -155,12 +155,21 @@ def _json(port: int, data) -> object:
         ),
         # refused by the extractor itself, through the batcher
         (lambda p: post_extract(p, IMAGE, TEXT, max_new_tokens=2), 400, "too few"),
+        # Starlette's own errors answer JSON too
+        (lambda p: request(p, "GET", "/v2/nothing", b"", "application/json"), 404, "Not Found"),
+        (lambda p: request(p, "GET", "/v1/extract", b"", "application/json"), 405, "POST"),
+        # valid base64 that is no image: named without Python internals
+        (
+            lambda p: _json(p, {"image": base64.b64encode(b"plain").decode(), "text": TEXT}),
+            400,
+            "cannot identify the format",
+        ),
     ],
 )
 def test_bad_requests_get_a_4xx_that_names_the_problem(server, send, status, message):
     reply = send(server.port)
     assert reply.status == status, reply.body
-    assert message in reply.body["error"]
+    assert message in reply.body["error"] and "<_io." not in reply.body["error"]
 
 
 def test_the_server_still_answers_after_bad_requests(server):
