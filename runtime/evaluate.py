@@ -250,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
     pred = args.out or Path(f"{args.split}_pred.jsonl")
     if mode != "pred" and not pred.parent.is_dir():
         raise InputError(f"--out {pred}: folder {pred.parent} does not exist")
+    if mode != "pred" and pred.exists():
+        log.warning("%s exists and will be replaced by this run's predictions", pred)
     if mode == "model":
         from gmner.train.evaluate import evaluate_checkpoint
 

@@ -196,6 +196,23 @@ def serve(extractor, config: ServeConfig) -> None:
     uvicorn.Server(uv).run()
 
 
+def check_port_free(host: str, port: int) -> None:
+    """An ``InputError`` naming ``--port`` when the address is taken, before anything loads
+    (uvicorn would only find out after the bundle)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InputError(
+                f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+                "choose another --port"
+            ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     # checked before the bundle loads: a bad flag costs no load
     BatchConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
@@ -203,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
     import starlette  # noqa: F401  (the [serve] extra: named before the bundle loads)
     import uvicorn  # noqa: F401
 
+    check_port_free(args.host, args.port)
     extractor = load_extractor(args.bundle, **load_options(args))
     extractor.token_table  # built now, not during the first request  # noqa: B018
     config = config_from_args(args, extractor.bundle.manifest.generation.default_max_new_tokens)

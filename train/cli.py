@@ -40,9 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--recipe",
         choices=RECIPES,
         help="start from a shipped recipe (reference: every setting of the E2E-GMNER "
-        "reference's train_lora.sh); --config and flags override it",
+        "reference's train_lora.sh); --config and flags override it; --print-config shows "
+        "the result",
     )
     parser.add_argument("--config", help="YAML file with (part of) the configuration tree")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration (recipe, --config and flags applied) as YAML "
+        "and exit; the defaults below are those without a recipe",
+    )
     parser.add_argument("--model", help="local Qwen2.5-VL directory (model.path)")
     parser.add_argument("--data", help="Twitter-GMNER folder (data.dir)")
     add_path_list(parser, "--images", help="image folder(s) (data.images)")
@@ -72,6 +79,14 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args, args.config, args.recipe)
     except (ValueError, OSError) as exc:  # a bad value or YAML file: named, no traceback
         raise InputError(str(exc)) from None
+    if args.print_config:
+        import dataclasses
+        import sys
+
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        return 0
     missing = [
         flag
         for flag, value in (

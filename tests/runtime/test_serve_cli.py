@@ -51,3 +51,22 @@ def test_bad_serve_flags_are_named_before_any_load(argv, message, caplog, monkey
 def test_a_missing_extra_is_named(module, extra):
     message = cli.missing_message("serve", module)
     assert f"gmner{extra}" in message and f"pip install '.{extra}'" in message
+
+
+def test_a_taken_port_is_named_before_the_bundle_loads(caplog, monkeypatch):
+    import socket
+
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    import gmner.runtime.serve as serve
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the bundle loaded before the port was checked")
+
+    monkeypatch.setattr(serve, "load_extractor", no_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--port", str(port)]) == 2
+    assert f"--port {port}: cannot listen there" in caplog.text

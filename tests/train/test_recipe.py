@@ -78,3 +78,15 @@ def test_unknown_recipe_is_refused():
         _args(["--recipe", "paper"])
     with pytest.raises(ValueError, match="--recipe: expected one of reference"):
         load_config(recipe="paper")
+
+
+def test_print_config_shows_the_recipe_resolved(capsys):
+    import yaml
+    from gmner.runtime.cli import main as gmner_main
+
+    assert (
+        gmner_main(["train", "--recipe", "reference", "--print-config", "--optim.lr", "4e-5"]) == 0
+    )
+    tree = yaml.safe_load(capsys.readouterr().out)
+    assert tree["grbp"]["beta"] == 0.1 and tree["grbp"]["distribution"] == "reference"
+    assert tree["optim"]["lr"] == 4e-5 and tree["data"]["prompt"] == "reference"
