@@ -378,7 +378,7 @@ def export_bundle(options: BundleOptions) -> Path:
             facts, processor, graphs, options, tmp, {"parity": parity}, prompt=prompt
         )
         write_manifest(tmp, data)
-        load_bundle(tmp)  # the runtime's reader accepts what we wrote
+        written = load_bundle(tmp)  # the runtime's reader accepts what we wrote
         stages.update(1, done="manifest")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -386,8 +386,8 @@ def export_bundle(options: BundleOptions) -> Path:
     finally:
         stages.close()
     if options.quant is None:
+        write_card(tmp, written.manifest)
         move_into_place(tmp, options.out)
-        write_card(options.out)
         log_readiness(options.out)
     else:  # the fp bundle, verified, is the source of the quantized one
         from .quantized_bundle import quantize_bundle

@@ -8,12 +8,11 @@ manifest's files and the runtime never reads it. This module knows nothing about
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
-from gmner_rt.bundle import MANIFEST_NAME, Manifest, load_bundle
+from gmner_rt.bundle import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +153,13 @@ def render_card(manifest: Manifest, provenance: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_card(bundle: str | Path) -> Path:
-    """Render the card of the bundle at ``bundle`` and write it there (atomically)."""
-    bundle = Path(bundle)
-    manifest = load_bundle(bundle).manifest
-    raw = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))
-    path = bundle / CARD_NAME
+def write_card(bundle: str | Path, manifest: Manifest) -> Path:
+    """Render the card of ``manifest`` (the bundle's, as loaded and validated by whoever
+    wrote it: nothing is read or hashed again) and write it into the folder ``bundle``
+    (atomically), normally its staging folder before it moves into place."""
+    path = Path(bundle) / CARD_NAME
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_card(manifest, raw.get("provenance")), encoding="utf-8")
+    tmp.write_text(render_card(manifest, manifest.extra.get("provenance")), encoding="utf-8")
     os.replace(tmp, path)
     log.info("model card written to %s", path)
     return path

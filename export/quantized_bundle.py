@@ -74,12 +74,12 @@ def quantize_bundle(src: Path, out: Path, settings: QuantSettings, *, verify: bo
         }
         data["exporter"]["quantizer"] = f"onnxruntime {importlib.metadata.version('onnxruntime')}"
         write_manifest(tmp, data)
-        load_bundle(tmp)  # the runtime's reader accepts what we wrote
+        written = load_bundle(tmp)  # the runtime's reader accepts what we wrote
+        write_card(tmp, written.manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     move_into_place(tmp, Path(out))
-    write_card(out)
     log.info(
         "%s bundle written to %s in %.1f s", settings.scheme, out, time.perf_counter() - started
     )

@@ -66,12 +66,13 @@ def upgrade_bundle(src: str | Path, out: str | Path) -> Path:
         data["files"][decoder.file] = file_entry(tmp / decoder.file)
         data.setdefault("provenance", {})["upgraded_from_format"] = 1
         write_manifest(tmp, data)
-        check_upgrade(load_bundle(src), load_bundle(tmp))
+        upgraded = load_bundle(tmp)
+        check_upgrade(source, upgraded)
+        write_card(tmp, upgraded.manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     move_into_place(tmp, out)
-    write_card(out)
     log.info("%s: format 2 written to %s (logits of chosen positions)", src, out)
     return out
 

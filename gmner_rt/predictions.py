@@ -24,8 +24,8 @@ from .errors import InputError
 __all__ = [
     "ModelText",
     "iter_json_objects",
-    "read_model_texts",
     "read_predictions",
+    "read_predictions_and_texts",
     "write_predictions",
 ]
 
@@ -76,10 +76,21 @@ def iter_json_objects(path: Path, expected: str) -> Iterator[tuple[str, dict]]:
 
 def read_predictions(path: str | Path) -> dict[str, str]:
     """Model outputs by image id. Errors name the file, the line and the problem."""
+    return read_predictions_and_texts(path, with_texts=False)[0]
+
+
+def read_predictions_and_texts(
+    path: str | Path, *, with_texts: bool = True
+) -> tuple[dict[str, str], dict[str, ModelText]]:
+    """Model outputs by image id, and, in the same pass (``with_texts``), the generated
+    texts with their sizes of the rows that carry them (files written before they were
+    recorded have none; without ``with_texts`` those fields are not read at all). Errors
+    name the file, the line and the problem."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: predictions file not found")
     outputs: dict[str, str] = {}
+    texts: dict[str, ModelText] = {}
     errors: set[str] = set()
     for where, row in iter_json_objects(path, "img_id and output"):
         img_id, output = row.get("img_id"), row.get("output")
@@ -96,13 +107,15 @@ def read_predictions(path: str | Path) -> dict[str, str]:
         if img_id in outputs:
             raise InputError(f"{where}: img_id {img_id!r} appears twice")
         outputs[img_id] = output
+        if with_texts and "raw" in row:
+            texts[img_id] = _model_text(where, row)
     if errors:
         log.warning(
             "%s: %d error record(s) (rows the run could not use) count as no prediction",
             path,
             len(errors),
         )
-    return outputs
+    return outputs, texts
 
 
 def _size(where: str, name: str, value: object) -> tuple[int, int]:
@@ -115,22 +128,15 @@ def _size(where: str, name: str, value: object) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def read_model_texts(path: str | Path) -> dict[str, ModelText]:
-    """The generated texts and sizes of a predictions file, by image id; an id whose row
-    lacks them is absent (files written before they were recorded have none). A field that
-    is present but wrong is an :class:`InputError` naming file:line."""
-    texts: dict[str, ModelText] = {}
-    for where, row in iter_json_objects(Path(path), "img_id and output"):
-        if "raw" not in row:
-            continue
-        if not isinstance(row["raw"], str):
-            raise InputError(f"{where}: field raw must be a string, got {row['raw']!r}")
-        texts[str(row.get("img_id"))] = ModelText(
-            row["raw"],
-            _size(where, "image_size", row.get("image_size")),
-            _size(where, "model_size", row.get("model_size")),
-        )
-    return texts
+def _model_text(where: str, row: dict) -> ModelText:
+    """A row's generated text and sizes; a field present but wrong names file:line."""
+    if not isinstance(row["raw"], str):
+        raise InputError(f"{where}: field raw must be a string, got {row['raw']!r}")
+    return ModelText(
+        row["raw"],
+        _size(where, "image_size", row.get("image_size")),
+        _size(where, "model_size", row.get("model_size")),
+    )
 
 
 def write_predictions(

@@ -14,7 +14,6 @@ import importlib.resources
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import gmner_rt
@@ -23,6 +22,7 @@ from gmner_rt.errors import InputError
 from gmner_rt.extractor import DEFAULT_BUNDLE, Extraction
 from gmner_rt.metrics import normalize_mention, region_correct
 from gmner_rt.predictions import iter_json_objects
+from gmner_rt.records import EntityRecord
 from gmner_rt.vision import to_rgb
 
 from .extract import add_provider_arguments, format_table, load_options, readable_json
@@ -76,21 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_provider_arguments(parser)
 
 
-@dataclass(frozen=True)
-class _Gold:
-    mention: str
-    type: str
-    boxes: tuple | None
-
-
-def _gold_entities(example: dict) -> list[_Gold]:
+def _gold_entities(example: dict) -> list[EntityRecord]:
     return [
-        _Gold(g["mention"], g["type"], tuple(tuple(b) for b in g["boxes"]) if g["boxes"] else None)
+        EntityRecord(
+            g["mention"], g["type"], tuple(tuple(b) for b in g["boxes"]) if g["boxes"] else None
+        )
         for g in example.get("gold") or []
     ]
 
 
-def _why_wrong(entity, golds: list[_Gold]) -> str:
+def _why_wrong(entity, golds: list[EntityRecord]) -> str:
     """Why a prediction matches no remaining gold entity, in words."""
     same = [g for g in golds if g.mention == entity.mention]
     if not same:
@@ -106,7 +101,9 @@ def _why_wrong(entity, golds: list[_Gold]) -> str:
     return "the box is in another place (gold: the dashed one)"
 
 
-def judge(extraction: Extraction, golds: list[_Gold]) -> tuple[list[Verdict], list[_Gold]]:
+def judge(
+    extraction: Extraction, golds: list[EntityRecord]
+) -> tuple[list[Verdict], list[EntityRecord]]:
     """Each prediction right or wrong (mention, type and region as the hindex protocol reads
     them; each gold entity used once, in order), and the gold entities no prediction names."""
     left = list(golds)

@@ -24,8 +24,7 @@ from gmner_rt.extractor import Extraction
 from gmner_rt.metrics import PROTOCOLS, EvalReport, evaluate
 from gmner_rt.predictions import (
     ModelText,
-    read_model_texts,
-    read_predictions,
+    read_predictions_and_texts,
     write_predictions,
 )
 from gmner_rt.records import NO_ENTITY, RECORD_SEPARATOR, EntityRecord, format_record
@@ -83,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def score_file(data: Path, split: str, pred: Path, protocol: str = "hindex") -> EvalReport:
     """Scores of a predictions file on one split."""
     gold = {t.img_id: t.records() for t in load_split(data, split)}
-    outputs = read_predictions(pred)
+    outputs, texts = read_predictions_and_texts(pred, with_texts=protocol == "e2e")
     unknown = sorted(set(outputs) - set(gold))
     if unknown:
         raise InputError(
@@ -92,7 +91,6 @@ def score_file(data: Path, split: str, pred: Path, protocol: str = "hindex") -> 
         )
     if protocol != "e2e":
         return evaluate(gold, outputs, protocol=protocol)
-    texts = read_model_texts(pred)
     lacking = sorted(set(outputs) - set(texts))
     if lacking:
         raise InputError(

@@ -116,3 +116,25 @@ def base_bundle(tiny, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("bundles") / "base"
     return export_bundle(BundleOptions(model=tiny, adapter=None, out=out))
+
+
+def _rewrite_manifest_as_format_1(bundle: Path) -> None:
+    """The manifest of ``bundle`` (its decoder already rewritten to take no
+    ``logits_index`` and return one position's logits) as format 1 describes it."""
+    import json
+
+    from gmner_rt.bundle import file_entry, write_manifest
+
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["format_version"] = 1
+    decoder = data["graphs"]["decoder"]
+    decoder["inputs"] = [t for t in decoder["inputs"] if t["name"] != "logits_index"]
+    decoder["outputs"][0]["shape"][1] = 1
+    data["files"]["decoder.onnx"] = file_entry(bundle / "decoder.onnx")
+    write_manifest(bundle, data)
+
+
+@pytest.fixture(scope="session")
+def manifest_as_format_1():
+    """Rewrites a bundle's manifest as format 1 (tests that make format-1 bundles)."""
+    return _rewrite_manifest_as_format_1

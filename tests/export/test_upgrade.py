@@ -19,7 +19,7 @@ from gmner_rt.bundle import file_entry, write_manifest  # noqa: E402
 from gmner_rt.errors import InputError  # noqa: E402
 
 
-def _as_old_format_1(bundle: Path, out: Path) -> Path:
+def _as_old_format_1(bundle: Path, out: Path, rewrite_manifest) -> Path:
     """``bundle`` as the format-1 exporter wrote it: ``Slice(hidden, -1:)`` before the LM
     head, no ``logits_index`` input, logits ``[B, 1, vocab]``."""
     import onnx
@@ -44,18 +44,14 @@ def _as_old_format_1(bundle: Path, out: Path) -> Path:
     logits.type.tensor_type.shape.dim[1].Clear()
     logits.type.tensor_type.shape.dim[1].dim_value = 1
     onnx.save(model, str(out / "decoder.onnx"))
-    data = json.loads((out / "manifest.json").read_text())
-    data["format_version"] = 1
-    decoder = data["graphs"]["decoder"]
-    decoder["inputs"] = [t for t in decoder["inputs"] if t["name"] != "logits_index"]
-    decoder["outputs"][0]["shape"][1] = 1
-    data["files"]["decoder.onnx"] = file_entry(out / "decoder.onnx")
-    write_manifest(out, data)
+    rewrite_manifest(out)
     return out
 
 
-def test_upgrade_gives_a_format_2_bundle_with_the_same_tokens(tiny_bundle, tmp_path, caplog):
-    old = _as_old_format_1(tiny_bundle, tmp_path / "v1")
+def test_upgrade_gives_a_format_2_bundle_with_the_same_tokens(
+    tiny_bundle, tmp_path, caplog, manifest_as_format_1
+):
+    old = _as_old_format_1(tiny_bundle, tmp_path / "v1", manifest_as_format_1)
     assert (
         gmner_main(["export", "upgrade", "--bundle", str(old), "--out", str(tmp_path / "v2")]) == 0
     )
@@ -74,10 +70,10 @@ def test_upgrade_gives_a_format_2_bundle_with_the_same_tokens(tiny_bundle, tmp_p
         upgrade_bundle(tmp_path / "v2", tmp_path / "again")
 
 
-def test_upgrade_refuses_a_decoder_it_does_not_know(tiny_bundle, tmp_path):
+def test_upgrade_refuses_a_decoder_it_does_not_know(tiny_bundle, tmp_path, manifest_as_format_1):
     import onnx
 
-    old = _as_old_format_1(tiny_bundle, tmp_path / "v1")
+    old = _as_old_format_1(tiny_bundle, tmp_path / "v1", manifest_as_format_1)
     model = onnx.load(str(old / "decoder.onnx"))
     for node in model.graph.node:
         if node.op_type == "Slice":

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import gmner_rt
-from gmner_rt.bundle import file_entry, write_manifest
 from gmner_rt.extractor import DEFAULT_BUNDLE
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo"
@@ -75,7 +74,7 @@ def test_speculation_gives_the_ids_of_plain_decoding_on_the_shipped_examples():
             _compare(extractor, _pairs(), think=think, constrained=constrained)
 
 
-def _as_format_1(bundle: Path, out: Path) -> Path:
+def _as_format_1(bundle: Path, out: Path, rewrite_manifest) -> Path:
     """``bundle`` rewritten as a format-1 bundle: the decoder takes no ``logits_index`` and
     returns the last position's logits (as exporters before format 2 wrote it)."""
     import onnx
@@ -93,18 +92,14 @@ def _as_format_1(bundle: Path, out: Path) -> Path:
     logits.type.tensor_type.shape.dim[1].Clear()
     logits.type.tensor_type.shape.dim[1].dim_value = 1
     onnx.save(model, str(out / "decoder.onnx"))
-    data = json.loads((out / "manifest.json").read_text())
-    data["format_version"] = 1
-    decoder = data["graphs"]["decoder"]
-    decoder["inputs"] = [t for t in decoder["inputs"] if t["name"] != "logits_index"]
-    decoder["outputs"][0]["shape"][1] = 1
-    data["files"]["decoder.onnx"] = file_entry(out / "decoder.onnx")
-    write_manifest(out, data)
+    rewrite_manifest(out)
     return out
 
 
-def test_a_format_1_bundle_loads_and_decodes_without_speculation(tiny_bundle, tmp_path):
-    v1 = gmner_rt.load(_as_format_1(tiny_bundle, tmp_path / "v1"))
+def test_a_format_1_bundle_loads_and_decodes_without_speculation(
+    tiny_bundle, tmp_path, manifest_as_format_1
+):
+    v1 = gmner_rt.load(_as_format_1(tiny_bundle, tmp_path / "v1", manifest_as_format_1))
     v2 = gmner_rt.load(tiny_bundle)
     assert v1.bundle.manifest.format_version == 1
     assert not v1.bundle.verifies_drafts and not v1.backend.verifies_drafts

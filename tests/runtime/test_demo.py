@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 from gmner.runtime.cli import main as gmner_main
-from gmner.runtime.demo import EXAMPLES, _Gold, judge, score_line
+from gmner.runtime.demo import EXAMPLES, judge, score_line
 
 import gmner_rt
 from gmner_rt.extractor import DEFAULT_BUNDLE
 from gmner_rt.predictions import iter_json_objects
+from gmner_rt.records import EntityRecord
 
 SHIPPED = (DEFAULT_BUNDLE / "manifest.json").is_file()
 needs_bundle = pytest.mark.skipif(not SHIPPED, reason="no default bundle shipped")
@@ -51,10 +52,10 @@ def _entity(mention, etype, *boxes):
 def test_judge_marks_each_prediction_and_says_why():
     a, b, far = (0, 0, 100, 100), (200, 0, 300, 100), (500, 500, 600, 600)
     golds = [
-        _Gold("Ivy", "PER", (a,)),
-        _Gold("Zentro", "ORG", (b,)),
-        _Gold("Paris", "LOC", None),
-        _Gold("Glow", "OTHER", (far,)),
+        EntityRecord("Ivy", "PER", (a,)),
+        EntityRecord("Zentro", "ORG", (b,)),
+        EntityRecord("Paris", "LOC", None),
+        EntityRecord("Glow", "OTHER", (far,)),
     ]
     extraction = gmner_rt.Extraction(
         records=(
