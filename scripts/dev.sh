@@ -31,7 +31,7 @@ setup() {
     "$VENV/bin/python" -m pip install -q --upgrade pip
     # The CPU build of torch first, pinned; constraints.txt keeps every later step on it.
     "$VENV/bin/python" -m pip install -q torch==2.13.0
-    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[cpu,train,export,serve,ray,dev]"
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[cpu,train,export,serve,ray,grpo,dev]"
     # The benchmarks against peers: a distribution of their own (bench/), not the runtime's.
     "$VENV/bin/python" -m pip install -q -c constraints.txt -e ./bench
     echo "$want" > "$stamp"

@@ -1,7 +1,12 @@
-"""``gmner train``: LoRA fine-tuning with the paper's recipe, one command.
+"""``gmner train``: LoRA fine-tuning with the paper's recipe, one command, and the
+reinforcement stage after it.
 
     gmner train --model QWEN_DIR --data TWITTER_GMNER_DIR --images IMG_DIR --cot cot.jsonl \
         --out runs/exp1 [--recipe reference] [--config run.yaml] [--resume] [--optim.lr 1e-4 ...]
+    gmner train --stage grpo --grpo.init runs/exp1/best --out runs/exp1-grpo [--grpo.steps ...]
+
+The grpo stage starts from the SFT checkpoint's saved configuration (model, data, prompt,
+pixels, LoRA); --config and flags override it.
 
 The short flags set leaves of the configuration tree (:mod:`gmner.train.config`); every leaf
 also has its own ``--section.field`` flag.
@@ -16,7 +21,7 @@ from pathlib import Path
 from gmner_rt.cli_flags import add_path_list
 from gmner_rt.errors import InputError
 
-from .config import RECIPES, add_config_flags, config_from_args
+from .config import RECIPES, add_config_flags, checkpoint_config, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
             setattr(args, f"cfg:{dotted}", value)
     if args.no_cot:
         setattr(args, "cfg:data.use_cot", False)
+    inherit = _inherited_config(args)
     try:
-        cfg = config_from_args(args, args.config, args.recipe)
+        cfg = config_from_args(args, args.config, args.recipe, inherit)
     except (ValueError, OSError) as exc:  # a bad value or YAML file: named, no traceback
         raise InputError(str(exc)) from None
     if args.print_config:
@@ -101,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
             f"gmner train needs {', '.join(missing)} (or model.path / data.dir / data.images "
             "in --config); see gmner train --help"
         )
+    if cfg.stage == "grpo":
+        return _run_grpo(cfg, args.resume)
     from .loop import train  # torch is imported only when training runs
 
     pos = train(cfg, resume=args.resume)
@@ -121,4 +129,39 @@ def run(args: argparse.Namespace) -> int:
             pos.step,
             run / "checkpoints" / f"step-{pos.step:06d}",
         )
+    return 0
+
+
+def _inherited_config(args: argparse.Namespace) -> Path | None:
+    """The grpo stage's starting configuration: its SFT checkpoint's ``config.yaml`` (None
+    for an SFT run, or a checkpoint without one, such as a plain PEFT adapter)."""
+    if getattr(args, "cfg:stage") != "grpo":
+        return None
+    if args.recipe:
+        raise InputError(
+            "--recipe: recipes are SFT settings; the grpo stage starts from the configuration "
+            "saved with --grpo.init"
+        )
+    init = getattr(args, "cfg:grpo.init")
+    if not init:
+        raise InputError("--stage grpo needs --grpo.init SFT_CHECKPOINT (RUN/best or a step)")
+    if not Path(init).is_dir():
+        raise InputError(f"--grpo.init: {init} is not a checkpoint folder")
+    found = checkpoint_config(init)
+    if found is None:
+        log.info("%s has no config.yaml: every setting comes from --config and flags", init)
+    return found
+
+
+def _run_grpo(cfg, resume: bool) -> int:
+    from .grpo import train_grpo  # torch and TRL are imported only when training runs
+
+    result = train_grpo(cfg, resume=resume)
+    best = (
+        f"best dev GMNER F1 {result.best_f1:.4f} at step {result.best_step}, in "
+        f"{Path(cfg.output.dir) / 'best'}"
+        if result.best_step >= 0
+        else "no dev evaluation ran (eval.enabled false), so there is no best/"
+    )
+    log.info("done: %d grpo steps; the last checkpoint is %s; %s", result.steps, result.last, best)
     return 0

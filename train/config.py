@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from gmner_rt.metrics import PROTOCOLS
+from gmner_rt.metrics import PROTOCOLS, RewardWeights
 from gmner_rt.prompt import PROMPT_STYLES
 
 from .augment import DISTRIBUTIONS, GRBPConfig
@@ -59,6 +59,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.prompt": PROMPT_STYLES,
     "eval.protocol": PROTOCOLS,
     "grbp.distribution": DISTRIBUTIONS,
+    "stage": ("sft", "grpo"),
+    "grpo.loss": ("dapo", "grpo", "dr_grpo", "bnpo"),
+    "reward.protocol": PROTOCOLS,
 }
 
 
@@ -272,8 +275,69 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class GrpoConfig:
+    """The reinforcement stage after SFT (``--stage grpo``, :mod:`gmner.train.grpo`): for each
+    prompt a group of sampled completions, each rewarded by :func:`gmner_rt.metrics.reward`
+    (weights in the ``reward`` section), advantages normalised within the group, a clipped
+    policy-gradient loss with a KL term to the starting model (TRL's GRPOTrainer).
+
+    Attributes:
+        init: the SFT checkpoint the stage starts from: a LoRA adapter folder
+            (``RUN/checkpoints/step-N`` or ``RUN/best``) or a fully fine-tuned one; its
+            ``config.yaml`` (model, prompt, pixels, LoRA) is the stage's starting
+            configuration, which --config and flags override.
+        group_size: completions sampled per prompt (the group an advantage is relative to).
+        prompts: prompts per optimizer step (a step scores prompts x group_size completions).
+        temperature: sampling temperature of the completions.
+        beta: weight of the KL term to the starting model (0 drops the term and the
+            reference model).
+        epsilon: the policy ratio's clip range, [1 - epsilon, 1 + epsilon].
+        iterations: optimizer steps taken on each generated batch (above 1 the clip acts).
+        loss: TRL's loss normalisation: dapo (tokens of the whole batch; TRL's default),
+            grpo (per completion, then per batch), dr_grpo (a constant), bnpo (tokens of the
+            local batch).
+        lr: learning rate (constant; AdamW, weight decay and the vision tower's scale from
+            the optim section).
+        steps: optimizer steps of the stage.
+        max_new_tokens: token budget of a sampled completion (a completion cut there earns
+            the unclosed-answer penalty).
+        save_every: checkpoint every N steps (and at the last); dev is scored at each when
+            eval.enabled, and the best is kept in best/.
+    """
+
+    init: str = ""
+    group_size: int = 8
+    prompts: int = 2
+    temperature: float = 1.0
+    beta: float = 0.04
+    epsilon: float = 0.2
+    iterations: int = 1
+    loss: str = "dapo"
+    lr: float = 1e-5
+    steps: int = 200
+    max_new_tokens: int = 512
+    save_every: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.group_size >= 2, "grpo.group_size", "must be >= 2", self.group_size)
+        for name in ("prompts", "iterations", "steps", "max_new_tokens"):
+            _check(getattr(self, name) > 0, f"grpo.{name}", "must be > 0", getattr(self, name))
+        _check(self.temperature > 0, "grpo.temperature", "must be > 0", self.temperature)
+        _check(self.beta >= 0, "grpo.beta", "must be >= 0", self.beta)
+        _check(0 < self.epsilon < 1, "grpo.epsilon", "must be in (0, 1)", self.epsilon)
+        _check(self.lr > 0, "grpo.lr", "must be > 0", self.lr)
+        _check(self.save_every >= 0, "grpo.save_every", "must be >= 0", self.save_every)
+        _check_choice("grpo.loss", self.loss)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run needs; saved as ``config.yaml`` beside each checkpoint."""
+    """Everything a training run needs; saved as ``config.yaml`` beside each checkpoint.
+
+    Attributes:
+        stage: sft (supervised fine-tuning, the paper's recipe) or grpo (the reinforcement
+            stage after it, from grpo.init; see the grpo and reward sections).
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -282,6 +346,18 @@ class TrainConfig:
     grbp: GRBPConfig = field(default_factory=GRBPConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    stage: str = "sft"
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    reward: RewardWeights = field(default_factory=RewardWeights)
+
+    def __post_init__(self) -> None:
+        _check_choice("stage", self.stage)
+        _check(
+            self.stage != "grpo" or bool(self.grpo.init),
+            "grpo.init",
+            "must name the SFT checkpoint the grpo stage starts from",
+            self.grpo.init,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,10 +452,14 @@ def load_config(
     overrides: dict | None = None,
     *,
     recipe: str | None = None,
+    inherit: str | Path | None = None,
 ) -> TrainConfig:
-    """A config from a shipped recipe (optional), then a YAML file (optional), then
-    ``{"optim.lr": 1e-4, ...}`` overrides, each laid over the one before."""
+    """A config from a shipped recipe (optional), then an earlier run's saved config
+    (``inherit``, optional: the grpo stage starts from its SFT checkpoint's), then a YAML file
+    (optional), then ``{"optim.lr": 1e-4, ...}`` overrides, each laid over the one before."""
     tree: dict = _read_tree(recipe_path(recipe)) if recipe is not None else {}
+    if inherit is not None:
+        tree = _merge_tree(tree, _read_tree(inherit))
     if path is not None:
         tree = _merge_tree(tree, _read_tree(path))
         try:  # a bad value in the file: named with the file
@@ -483,11 +563,13 @@ def config_from_args(
     args: argparse.Namespace,
     config_path: str | Path | None = None,
     recipe: str | None = None,
+    inherit: str | Path | None = None,
 ) -> TrainConfig:
-    """The config of a command line: the recipe, the YAML file, then every flag given."""
+    """The config of a command line: the recipe, the inherited run config, the YAML file,
+    then every flag given."""
     overrides = {
         key[len("cfg:") :]: value
         for key, value in vars(args).items()
         if key.startswith("cfg:") and value is not None
     }
-    return load_config(config_path, overrides, recipe=recipe)
+    return load_config(config_path, overrides, recipe=recipe, inherit=inherit)
