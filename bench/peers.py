@@ -4,6 +4,7 @@
     gmner bench --bundle B --model M --systems gmner_rt,hf
     gmner bench --preset bench-small --systems gmner_rt,hf,gmner_rt:int8,gmner_rt:int4,ortgenai:int4
     gmner bench --preset bench-small --provider cuda --dtype fp16 --systems gmner_rt,hf
+    gmner bench speculation --preset bench-small --limit 3   (:mod:`.speculation`'s comparison)
 
 For one bundle and its source checkpoint (or a ``--preset``, which builds, caches and exports
 that random-weight model itself), every system runs in a child process of its own
