@@ -4,6 +4,7 @@
     gmner bench --bundle B --model M --systems gmner_rt,hf
     gmner bench --preset bench-small --systems gmner_rt,hf,gmner_rt:int8,gmner_rt:int4,ortgenai:int4
     gmner bench --preset bench-small --provider cuda --dtype fp16 --systems gmner_rt,hf
+    gmner bench speculation --preset bench-small --limit 3   (:mod:`.speculation`'s comparison)
 
 For one bundle and its source checkpoint (or a ``--preset``, which builds, caches and exports
 that random-weight model itself), every system runs in a child process of its own
@@ -63,7 +64,14 @@ from .workers import SYSTEMS, WorkerSpec, decoder_bytes, kv_cache_bytes  # noqa:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BenchConfig", "BenchError", "measure_bandwidth", "prepare_preset", "run_bench"]
+__all__ = [
+    "BenchConfig",
+    "BenchError",
+    "first_difference",
+    "measure_bandwidth",
+    "prepare_preset",
+    "run_bench",
+]
 
 PRESETS = ("tiny", "bench-small")
 #: Providers gmner_rt can be benched on (hf follows it to the GPU).
@@ -412,7 +420,9 @@ def merge_rounds(runs: list[dict]) -> dict:
     return merged
 
 
-def _first_difference(a: list[list[int]], b: list[list[int]]) -> str | None:
+def first_difference(a: list[list[int]], b: list[list[int]]) -> str | None:
+    """Where two systems' ids first differ (``"row R differs at token T (of N and M)"``),
+    or None when they are equal."""
     if len(a) != len(b):
         return f"{len(a)} rows against {len(b)}"
     for row, (x, y) in enumerate(zip(a, b, strict=True)):
@@ -433,10 +443,10 @@ def compare_tokens(results: dict[str, dict]) -> dict[str, dict[str, str | None]]
             continue
         if system == "ortgenai_text":
             ours = (reference.get("text_only") or {}).get("tokens", [])
-            report[system] = {"text_only": _first_difference(ours, figures["text_only"]["tokens"])}
+            report[system] = {"text_only": first_difference(ours, figures["text_only"]["tokens"])}
             continue
         report[system] = {
-            kind: _first_difference(reference[kind], figures[kind])
+            kind: first_difference(reference[kind], figures[kind])
             for kind in ("tokens", "tokens_batch", "tokens_e2e")
             if reference[kind] or figures[kind]
         }
@@ -830,6 +840,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="presets and peer models")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--plot", type=Path, help="write the per-token latency plot here (PNG)")
+    _speculation_parser(parser)
+
+
+#: ``gmner bench``'s flags that ``gmner bench speculation`` shares (given before or after it).
+_SHARED = ("bundle", "preset", "model", "threads", "provider", "cache", "json")
+
+
+def _speculation_parser(parser: argparse.ArgumentParser) -> None:
+    from .speculation import add_arguments as speculation_arguments
+
+    sub = parser.add_subparsers(
+        dest="action",
+        metavar="ACTION",
+        title="other comparisons (optional: without one, gmner bench compares the peers)",
+    )
+    speculation = sub.add_parser(
+        "speculation",
+        help="speculative decoding side by side: gmner_rt with and without prompt-lookup "
+        "drafts, onnxruntime-genai, HF generate with and without prompt lookup",
+        description="Decode the same requests (a data split, or the bench's pairs) with "
+        "gmner_rt with and without speculation (grammar on and off), onnxruntime-genai and HF "
+        "generate with and without prompt_lookup_num_tokens, every variant on every request in "
+        "turn; report decoder calls per token, tokens per call, decode tokens/s and their "
+        "ratios, end-to-end latency; fail when a variant's ids differ from its reference's.",
+    )
+    speculation_arguments(speculation, inherited=_SHARED)
+    # set last: the actions' own usage lines are built from the usage at the time
+    parser.usage = (
+        "%(prog)s (--preset P | --bundle B [--model M]) [options]   (gmner_rt against peers)\n"
+        "       %(prog)s speculation (--preset P | --bundle B [--model M]) [options]  "
+        "(speculative decoding; %(prog)s speculation --help)"
+    )
+
+
+def _no_peer_flags(args: argparse.Namespace) -> None:
+    """``gmner bench speculation`` takes none of the peer comparison's own flags."""
+    d = BenchConfig.__dataclass_fields__
+    defaults = {key: d[key].default for key in ("new_tokens", "repeats", "warmup", "rounds")}
+    defaults |= {key: d[key].default for key in ("pairs", "batch", "bandwidth_mb", "dtype")}
+    defaults |= {"systems": ",".join(d["systems"].default), "device_id": 0, "plot": None}
+    for key, value in defaults.items():
+        if getattr(args, key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise InputError(
+                f"{flag}: a flag of the peer comparison (gmner bench), not of gmner bench "
+                "speculation (gmner bench speculation --help lists its flags)"
+            )
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -854,6 +911,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "action", None) == "speculation":
+        from .speculation import run_command
+
+        _no_peer_flags(args)
+        return run_command(args)
     config = config_from_args(args)
     report = run_bench(config)
     if args.json is not None:

@@ -86,8 +86,8 @@ def test_token_check_finds_the_first_difference():
 
 
 def test_token_check_catches_a_shorter_run():
-    assert bench._first_difference([[1, 2, 3]], [[1, 2]]) == "row 0 differs at token 2 (of 3 and 2)"
-    assert bench._first_difference([[1]], [[1], [2]]) == "1 rows against 2"
+    assert bench.first_difference([[1, 2, 3]], [[1, 2]]) == "row 0 differs at token 2 (of 3 and 2)"
+    assert bench.first_difference([[1]], [[1], [2]]) == "1 rows against 2"
 
 
 def test_ratios_say_how_many_times_better_gmner_rt_is():
