@@ -477,11 +477,13 @@ def load_config(
 
 def checkpoint_config(checkpoint: str | Path | None) -> Path | None:
     """The training config saved with a checkpoint: its own ``config.yaml``, else its run
-    folder's (``RUN/checkpoints/step-N`` -> ``RUN/config.yaml``); None when there is none."""
+    folder's (``RUN/checkpoints/step-N`` or ``RUN/best`` -> ``RUN/config.yaml``); None when
+    there is none."""
     if checkpoint is None:
         return None
     checkpoint = Path(checkpoint)
-    for path in (checkpoint / "config.yaml", checkpoint.parent.parent / "config.yaml"):
+    run = checkpoint.parent if checkpoint.name == "best" else checkpoint.parent.parent
+    for path in (checkpoint / "config.yaml", run / "config.yaml"):
         if path.is_file():
             return path
     return None

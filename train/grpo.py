@@ -14,6 +14,7 @@ clipped policy-gradient loss, the KL term to the starting model and checkpoint /
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -273,13 +274,26 @@ def trl_args(cfg: TrainConfig, run: Path, device: str, suppress: list[int]):
         data_seed=cfg.optim.seed,
         use_cpu=device == "cpu",
         bf16=cuda_bf16,
-        gradient_checkpointing=cfg.model.gradient_checkpointing == "on"
-        or (cfg.model.gradient_checkpointing == "auto" and device.startswith("cuda")),
         dataloader_num_workers=cfg.data.num_workers,
         remove_unused_columns=False,
         disable_tqdm=True,
         generation_kwargs={"suppress_tokens": suppress},
+        **_checkpointing(GRPOConfig, cfg, device),
     )
+
+
+def _checkpointing(config_class, cfg: TrainConfig, device: str) -> dict:
+    """Activation checkpointing as the SFT loop decides it, under the field name this
+    transformers has (``activation_checkpointing``; older ones: ``gradient_checkpointing``)."""
+    on = cfg.model.gradient_checkpointing == "on" or (
+        cfg.model.gradient_checkpointing == "auto" and device.startswith("cuda")
+    )
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return {
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing": on
+    }
 
 
 def _trainer_class():

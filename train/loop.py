@@ -440,6 +440,7 @@ def _evaluate_epoch(model, processor, rows, cfg, run, pos, writer) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         save_file(trainable_state(model), tmp / "trainable.safetensors")
+        save_config(cfg, tmp / "config.yaml")  # best/ describes itself, as checkpoints do
         (tmp / "dev_scores.json").write_text(_scores_json(reports, cfg.eval.protocol))
         shutil.rmtree(run / "best", ignore_errors=True)
         os.replace(tmp, run / "best")

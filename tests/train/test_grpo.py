@@ -184,3 +184,12 @@ def test_the_stage_refuses_to_write_into_its_starting_run(adapter):
     run = adapter.parent.parent  # RUN/checkpoints/step-N
     with pytest.raises(InputError, match="--out"):
         train_grpo(_cfg(adapter, run))
+
+
+def test_a_best_folder_without_its_own_config_finds_its_runs(tmp_path):
+    """``RUN/best`` written before best/ carried a config.yaml: the run's is used."""
+    (tmp_path / "run" / "best").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("stage: sft\n")
+    assert checkpoint_config(tmp_path / "run" / "best") == tmp_path / "run" / "config.yaml"
+    (tmp_path / "run" / "adapter").mkdir()  # any other folder: only RUN/checkpoints/step-N
+    assert checkpoint_config(tmp_path / "run" / "adapter") is None

@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 from gmner.runtime.cli import main as gmner_main  # noqa: E402
 from gmner.runtime.evaluate import score_file  # noqa: E402
 from gmner.train.augment import GRBPConfig  # noqa: E402
-from gmner.train.config import TrainConfig, load_config  # noqa: E402
+from gmner.train.config import TrainConfig, checkpoint_config, load_config  # noqa: E402
 from gmner.train.dataset import (  # noqa: E402
     IGNORE_INDEX,
     ExampleSettings,
@@ -180,6 +180,8 @@ def test_training_evaluates_dev_keeps_best_and_scores_test(tiny, images, tmp_pat
     assert (run / "best" / "adapter_config.json").is_file()
     saved = load_config(run / "config.yaml")
     assert saved == cfg
+    # best/ carries its config (what export and the grpo stage start from)
+    assert load_config(checkpoint_config(run / "best")) == cfg
     # The test predictions are in the `gmner eval --pred` format and score the same there.
     scores = json.loads((run / "test_scores.json").read_text())
     report = score_file(FIXTURE, "dev", run / "test_pred.jsonl")
