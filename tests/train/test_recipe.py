@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 from gmner.train.cli import add_arguments
@@ -90,3 +91,29 @@ def test_print_config_shows_the_recipe_resolved(capsys):
     tree = yaml.safe_load(capsys.readouterr().out)
     assert tree["grbp"]["beta"] == 0.1 and tree["grbp"]["distribution"] == "reference"
     assert tree["optim"]["lr"] == 4e-5 and tree["data"]["prompt"] == "reference"
+
+
+def test_the_demo_trains_on_a_fixed_thread_count_and_gives_the_callers_back(monkeypatch, tmp_path):
+    """Same seed, same model needs the same thread count (the order of partial sums)."""
+    torch = pytest.importorskip("torch")
+    from gmner.train import demo_recipe, loop
+
+    seen = []
+
+    def fake_train(cfg):
+        seen.append((torch.get_num_threads(), cfg.output.dir))
+        run = Path(cfg.output.dir)
+        (run / "checkpoints" / "step-000001").mkdir(parents=True)
+        (run / "latest").write_text("step-000001")
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(loop, "train", fake_train)
+    torch.set_num_threads(1 if demo_recipe.DEMO_THREADS != 1 else 2)
+    try:
+        other = torch.get_num_threads()
+        last = demo_recipe.train_demo(tmp_path / "m", tmp_path / "d", tmp_path / "run")
+        assert seen == [(demo_recipe.DEMO_THREADS, str(tmp_path / "run"))]
+        assert last == tmp_path / "run" / "checkpoints" / "step-000001"
+        assert torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(before)
