@@ -149,7 +149,13 @@ def _inherited_config(args: argparse.Namespace) -> Path | None:
         raise InputError(f"--grpo.init: {init} is not a checkpoint folder")
     found = checkpoint_config(init)
     if found is None:
-        log.info("%s has no config.yaml: every setting comes from --config and flags", init)
+        log.warning(
+            "%s has no config.yaml (a plain PEFT adapter?): the model, prompt style, system "
+            "prompt, reasoning switch and pixel bounds come from --config, flags and the "
+            "defaults; give the ones it was trained with (--model, --data.prompt, "
+            "--model.min_pixels / --model.max_pixels, --no-cot)",
+            init,
+        )
     return found
 
 

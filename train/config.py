@@ -328,6 +328,16 @@ class GrpoConfig:
         _check(self.lr > 0, "grpo.lr", "must be > 0", self.lr)
         _check(self.save_every >= 0, "grpo.save_every", "must be >= 0", self.save_every)
         _check_choice("grpo.loss", self.loss)
+        # TRL keeps a generated batch in memory for its iterations and a checkpoint does not
+        # hold it: a run saved inside that cycle would generate anew when resumed
+        for name in ("save_every", "steps"):
+            value = getattr(self, name)
+            _check(
+                value % self.iterations == 0,
+                f"grpo.{name}",
+                f"must be a multiple of grpo.iterations ({self.iterations})",
+                value,
+            )
 
 
 @dataclass(frozen=True)
@@ -482,11 +492,15 @@ def checkpoint_config(checkpoint: str | Path | None) -> Path | None:
     if checkpoint is None:
         return None
     checkpoint = Path(checkpoint)
-    run = checkpoint.parent if checkpoint.name == "best" else checkpoint.parent.parent
-    for path in (checkpoint / "config.yaml", run / "config.yaml"):
-        if path.is_file():
-            return path
-    return None
+    if (checkpoint / "config.yaml").is_file():
+        return checkpoint / "config.yaml"
+    if checkpoint.name == "best":
+        run = checkpoint.parent
+    elif checkpoint.parent.name == "checkpoints":
+        run = checkpoint.parent.parent
+    else:  # a folder of its own (a plain PEFT adapter): no run around it
+        return None
+    return run / "config.yaml" if (run / "config.yaml").is_file() else None
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -54,10 +54,11 @@ DEMO_TRAIN = 24000
 EXAMPLE_COUNT = 4
 
 
-#: CPU threads the demo trains with, whatever the machine has: a run is deterministic for a
-#: given thread count (the same seed gives the same losses, bit for bit), but the order in
-#: which threads add partial sums changes the last bits, and 3,000 steps of this recipe
-#: carry such a difference into another model.
+#: CPU threads the demo trains with, whatever the machine has: on one kind of CPU a run is
+#: deterministic for a given thread count (the same seed gives the same losses, bit for bit),
+#: but the order in which threads add partial sums changes the last bits, and 3,000 steps of
+#: this recipe carry such a difference into another model. (Another CPU's SIMD kernels may
+#: change the last bits too.)
 DEMO_THREADS = 2
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from gmner_rt.errors import InputError
 from gmner_rt.geometry import ImageGeometry
@@ -37,6 +38,7 @@ from .loop import (
     load_rows,
     param_groups,
     remove_debris,
+    trainable_state,
     trim_metrics,
 )
 from .modeling import (
@@ -54,6 +56,9 @@ __all__ = ["GrpoResult", "gold_json", "grpo_rows", "reward_function", "train_grp
 CHECKPOINTS = "checkpoints"
 #: The stage's position (best dev F1 and its step, the metrics log's length), in each checkpoint.
 POSITION = "gmner_position.json"
+#: The trainable weights under the live model's names, in each checkpoint (what a resume of a
+#: fully fine-tuned run loads).
+TRAINABLE = "trainable.safetensors"
 
 
 @dataclass(frozen=True)
@@ -313,10 +318,37 @@ def _trainer_class():
     class Trainer(GRPOTrainer):
         def _get_train_sampler(self, dataset=None):
             sampler = super()._get_train_sampler(dataset)
+            if type(sampler) is not RepeatSampler:  # a TRL that samples otherwise
+                raise RuntimeError(f"TRL's train sampler is {type(sampler).__name__}")
             sampler.__class__ = EpochSeededSampler
             return sampler
 
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # A fully fine-tuned checkpoint's model.safetensors is in the original layout,
+            # whose names the live model does not load (transformers 5 leaves them all
+            # missing); gmner's trainable.safetensors holds the live names.
+            trainable = Path(resume_from_checkpoint) / TRAINABLE
+            if is_peft(model or self.model) or not trainable.is_file():
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            load_trainable(model or self.model, trainable)
+
     return Trainer
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def load_trainable(model, path: Path) -> None:
+    """Copies the weights of ``path`` into the trainable parameters of the same names; the
+    checkpoint must hold every one of them."""
+    state = load_file(path)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != set(params):
+        raise InputError(f"{path}: the trainable weights do not match this model")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +390,8 @@ def _callback(cfg: TrainConfig, run: Path, processor, rows: dict, stop_after: in
 
         def on_save(self, args, state, control, model=None, **kwargs):
             folder = run / CHECKPOINTS / f"checkpoint-{state.global_step}"
-            self.pos.step = state.global_step
+            self.pos.step, self.pos.epoch = state.global_step, int(state.epoch or 0)
+            save_file(trainable_state(model), folder / TRAINABLE)
             dev = rows.get(cfg.data.dev_split)
             if cfg.eval.enabled and dev:
                 with torch.random.fork_rng():  # scoring never moves the sampling stream
@@ -389,12 +422,41 @@ def last_checkpoint(run: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
+def _check_run_folder(cfg: TrainConfig, run: Path, resume: bool) -> None:
     init = Path(cfg.grpo.init).resolve()
     if init == run.resolve() or run.resolve() in init.parents:
         raise InputError(
             f"--out: the grpo stage needs a run folder of its own, not {run}, which holds "
             f"its starting checkpoint {init}"
+        )
+    if not resume and any((run / CHECKPOINTS).glob("checkpoint-*")):
+        raise InputError(
+            f"--out: {run} already holds a grpo run's checkpoints; pass --resume to continue "
+            "it, or another --out for a new run"
+        )
+
+
+def _check_one_process(device: str) -> None:
+    """The stage runs in one process on one device (TRL would split the prompts between
+    processes, and every process would write the run folder)."""
+    from . import distributed
+
+    if distributed.launched_world_size() > 1:
+        raise InputError(
+            "the grpo stage runs in one process: launch it without torchrun / accelerate"
+        )
+    if device.startswith("cuda") and (":" in device or torch.cuda.device_count() > 1):
+        raise InputError(
+            f"--model.device {device}: the grpo stage runs on one GPU, the first visible: "
+            "choose it with CUDA_VISIBLE_DEVICES and pass --model.device cuda"
+        )
+
+
+def _check_dtype(cfg: TrainConfig, device: str) -> None:
+    if resolve_dtype(cfg.model.dtype, torch.device(device)) == torch.float16:
+        raise InputError(
+            "--model.dtype float16: the grpo stage trains in bfloat16 or float32 (float16 "
+            "weights under AdamW without a loss scaler lose their updates)"
         )
 
 
@@ -405,9 +467,11 @@ def train_grpo(
     checkpoint (with eval.enabled) is then scored on the test split."""
     _require_trl()
     run = Path(cfg.output.dir)
-    _check_run_folder(cfg, run)
-    run.mkdir(parents=True, exist_ok=True)
+    _check_run_folder(cfg, run, resume)
     device = str(resolve_device(cfg.model.device))
+    _check_one_process(device)
+    _check_dtype(cfg, device)
+    run.mkdir(parents=True, exist_ok=True)
     rows = load_rows(cfg)
     model, processor = load_policy(cfg, device)
     # TRL left-pads prompt ids and pads the image fields with the tokenizer's side: both left

@@ -137,15 +137,22 @@ def test_smoke_run_writes_a_checkpoint_and_resumes_exactly(adapter, tiny, tmp_pa
     assert report.kind == "lora"
 
 
-def test_a_fully_fine_tuned_start_keeps_a_reference_copy(tiny, adapter, tmp_path):
-    cfg = _cfg(
-        adapter,
-        tmp_path / "full",
-        **{"grpo.init": str(tiny), "lora.enabled": False, "grpo.steps": 1, "grpo.beta": 0.1},
-    )
-    result = train_grpo(cfg)
-    assert (result.last / "model.safetensors").is_file()
-    assert _rows_of(tmp_path / "full")[1]["kl"] == 0.0  # step 1: the policy is the reference
+def test_a_fully_fine_tuned_start_keeps_a_reference_copy_and_resumes_exactly(
+    tiny, adapter, tmp_path
+):
+    full = {"grpo.init": str(tiny), "lora.enabled": False, "grpo.steps": 2, "grpo.beta": 0.1}
+    full["grpo.save_every"] = 1
+    whole = train_grpo(_cfg(adapter, tmp_path / "whole", **full))
+    assert (whole.last / "model.safetensors").is_file()
+    rows = _rows_of(tmp_path / "whole")
+    assert rows[1]["kl"] == 0.0  # step 1: the policy is the reference
+    # a resume loads the trained weights (a fully fine-tuned model.safetensors is in the
+    # original layout, which the live model does not load by name)
+    train_grpo(_cfg(adapter, tmp_path / "cut", **full), stop_after_steps=1)
+    resumed = train_grpo(_cfg(adapter, tmp_path / "cut", **full), resume=True)
+    assert _rows_of(tmp_path / "cut")[2]["loss"] == rows[2]["loss"]
+    end, again = (load_file(r.last / "trainable.safetensors") for r in (whole, resumed))
+    assert set(end) == set(again) and all(torch.equal(end[k], again[k]) for k in end)
 
 
 def test_cli_runs_the_stage_from_the_sft_checkpoint_config(adapter, tmp_path):
@@ -171,10 +178,25 @@ def test_cli_runs_the_stage_from_the_sft_checkpoint_config(adapter, tmp_path):
         (["--stage", "grpo", "--grpo.init", "/nonexistent/ckpt"], "--grpo.init"),
         (["--stage", "grpo", "--grpo.init", "ADAPTER", "--recipe", "reference"], "--recipe"),
         (["--stage", "grpo", "--grpo.init", "ADAPTER", "--grpo.group_size", "1"], "group_size"),
+        (["--stage", "grpo", "--grpo.init", "ADAPTER", "--grpo.iterations", "3"], "iterations"),
+        (
+            [
+                "--stage",
+                "grpo",
+                "--grpo.init",
+                "ADAPTER",
+                "--out",
+                "OUT",
+                "--model.dtype",
+                "float16",
+            ],
+            "--model.dtype",
+        ),
     ],
 )
-def test_cli_errors_name_the_flag(adapter, argv, named, caplog, capsys):
-    argv = [str(adapter) if a == "ADAPTER" else a for a in argv]
+def test_cli_errors_name_the_flag(adapter, argv, named, caplog, capsys, tmp_path):
+    places = {"ADAPTER": str(adapter), "OUT": str(tmp_path / "out")}
+    argv = [places.get(a, a) for a in argv]
     with caplog.at_level("ERROR"):
         assert gmner_main(["train", *argv]) != 0
     assert named in caplog.text + capsys.readouterr().err
@@ -186,10 +208,46 @@ def test_the_stage_refuses_to_write_into_its_starting_run(adapter):
         train_grpo(_cfg(adapter, run))
 
 
+def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(adapter, tmp_path):
+    (tmp_path / "old" / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(InputError, match="--resume"):
+        train_grpo(_cfg(adapter, tmp_path / "old"))
+
+
+def test_the_stage_refuses_a_data_parallel_launch(adapter, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="one process"):
+        train_grpo(_cfg(adapter, tmp_path / "ddp"))
+
+
 def test_a_best_folder_without_its_own_config_finds_its_runs(tmp_path):
     """``RUN/best`` written before best/ carried a config.yaml: the run's is used."""
     (tmp_path / "run" / "best").mkdir(parents=True)
     (tmp_path / "run" / "config.yaml").write_text("stage: sft\n")
     assert checkpoint_config(tmp_path / "run" / "best") == tmp_path / "run" / "config.yaml"
+    (tmp_path / "config.yaml").write_text("stage: sft\n")  # a config two levels up
     (tmp_path / "run" / "adapter").mkdir()  # any other folder: only RUN/checkpoints/step-N
     assert checkpoint_config(tmp_path / "run" / "adapter") is None
+    (tmp_path / "run" / "checkpoints" / "step-000002").mkdir(parents=True)
+    step = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert checkpoint_config(step) == tmp_path / "run" / "config.yaml"
+
+
+def test_dev_is_scored_at_each_checkpoint_and_test_once_with_the_best(adapter, tmp_path):
+    run = tmp_path / "eval"
+    scored = {
+        "grpo.steps": 2,
+        "grpo.save_every": 1,
+        "eval.enabled": True,
+        "eval.max_new_tokens": 8,
+        "data.test_split": "dev",
+    }
+    result = train_grpo(_cfg(adapter, run, **scored))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    dev = [r for r in rows if "dev_gmner_f1" in r]
+    assert [r["step"] for r in dev] == [1, 2]
+    assert result.best_step in (1, 2) and result.best_f1 == max(r["dev_gmner_f1"] for r in dev)
+    assert (run / "best" / "adapter_config.json").is_file()
+    assert load_config(run / "best" / "config.yaml").stage == "grpo"
+    assert json.loads((run / "test_scores.json").read_text())["protocols"]
+    assert sum("test_gmner_f1" in r for r in rows) == 1
