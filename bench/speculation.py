@@ -29,6 +29,7 @@ about how a system decodes (:mod:`.speculation_peers`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -256,14 +257,29 @@ def _ratios(figures: dict) -> None:
             )
 
 
+@contextlib.contextmanager
+def _torch_threads_kept():
+    """Gives the caller back torch's thread count (a bench run inside another program, such
+    as a test session, must not leave it changed: later training there would add its partial
+    sums in another order)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run(config: SpeculationConfig) -> dict:
     """Every variant on every request; the figures and the id check."""
     model, bundle = _model_and_bundle(config)
     runners = _runners(config, model, bundle)
     extractor = runners["gmner_rt"][0]
-    hf = HfPeer(model, extractor, config.threads) if "hf" in config.peers else None
     pairs = _pairs(config)
-    tallies = _decode_all(config, runners, hf, pairs)
+    with _torch_threads_kept():  # HF's peer sets torch's threads for the process
+        hf = HfPeer(model, extractor, config.threads) if "hf" in config.peers else None
+        tallies = _decode_all(config, runners, hf, pairs)
     figures = {name: tally.figures() for name, tally in tallies.items()}
     _ratios(figures)
     id_check = {

@@ -112,12 +112,14 @@ def test_different_ids_are_reported_then_fail(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_run_on_tiny_every_variant_same_ids(tmp_path, capsys):
     """Every variant on the tiny preset: the same ids as its reference, consistent counts."""
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
     out = tmp_path / "spec.json"
     peers = "hf,ortgenai" if HAS_GENAI else "hf"
     args = ["bench", "speculation", "--preset", "tiny", "--peers", peers, "--limit", "2"]
     args += ["--max-new-tokens", "24", "--threads", "1", "--cache", str(tmp_path / "cache")]
     assert main([*args, "--json", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # --threads 1 held for the run only
     report = json.loads(out.read_text())
     variants = report["variants"]
     expected = set(spec_bench.REFERENCE) | {"gmner_rt", "gmner_rt unconstrained"}

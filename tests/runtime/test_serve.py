@@ -80,14 +80,13 @@ def test_health_and_model_describe_the_server(server, extractor):
 
 
 def test_a_multipart_request_answers_what_gmner_extract_json_prints(server, tmp_path, capsys):
-    reply = post_extract(server.port, IMAGE, TEXT, think="off")
+    reply = post_extract(server.port, IMAGE, TEXT, think="on")  # the demo model's mode
     assert reply.status == 200, reply.body
     assert reply.headers["x-gmner-batch-size"] == "1"
     image = tmp_path / "photo.png"
     image.write_bytes(IMAGE)
     assert (
-        cli_main(["extract", "--image", str(image), "--text", TEXT, "--json", "--think", "off"])
-        == 0
+        cli_main(["extract", "--image", str(image), "--text", TEXT, "--json", "--think", "on"]) == 0
     )
     printed = json.loads(capsys.readouterr().out)
     assert _answer(reply.body) == _answer(printed)
