@@ -22,6 +22,7 @@ from gmner.train.modeling import (
     ModelDirError,
     check_model_dir,
     check_processor_dir,
+    is_full_checkpoint,
     library_deprecations_filtered,
     load_model_and_processor,
     load_processor,
@@ -70,10 +71,6 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
     if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
         raise MergeError(f"{path}: missing adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
     return path
-
-
-def _is_full_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file()
 
 
 def _probe_inputs(processor) -> dict[str, torch.Tensor]:
@@ -142,7 +139,7 @@ def load_merged(
         model, processor = load_model_and_processor(base, dtype=dtype, device=device)
         return model, processor, MergeReport("base")
     adapter = Path(adapter_dir)
-    if adapter.is_dir() and _is_full_checkpoint(adapter):
+    if adapter.is_dir() and is_full_checkpoint(adapter):
         model, processor = load_model_and_processor(adapter, dtype=dtype, device=device)
         return model, processor, MergeReport("full")
     check_adapter_dir(adapter)

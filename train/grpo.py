@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from gmner_rt.errors import InputError
 from gmner_rt.geometry import ImageGeometry
@@ -36,12 +36,14 @@ from .loop import (
     _final_test,
     _log_metrics,
     load_rows,
+    load_trainable,
     param_groups,
     remove_debris,
     trainable_state,
     trim_metrics,
 )
 from .modeling import (
+    is_full_checkpoint,
     library_deprecations_filtered,
     load_model_and_processor,
     resolve_device,
@@ -189,10 +191,6 @@ def _text(completion) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _full_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
-
-
 def load_policy(cfg: TrainConfig, device: str):
     """The policy to train and its processor: the SFT checkpoint ``grpo.init`` (LoRA adapter
     on ``model.path``, trainable; or a fully fine-tuned model with SFT's trainable set)."""
@@ -201,7 +199,7 @@ def load_policy(cfg: TrainConfig, device: str):
         raise InputError(f"--grpo.init: {init} is not a checkpoint folder")
     dtype = resolve_dtype(cfg.model.dtype, torch.device(device))
     pixels = {"min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels}
-    if _full_checkpoint(init):
+    if is_full_checkpoint(init):
         if cfg.lora.enabled:
             raise InputError(
                 f"--grpo.init: {init} is a fully fine-tuned model, but lora.enabled is true; "
@@ -337,18 +335,6 @@ def _trainer_class():
 
 def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
-
-
-def load_trainable(model, path: Path) -> None:
-    """Copies the weights of ``path`` into the trainable parameters of the same names; the
-    checkpoint must hold every one of them."""
-    state = load_file(path)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(state) != set(params):
-        raise InputError(f"{path}: the trainable weights do not match this model")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
 
 
 # ---------------------------------------------------------------------------------------------

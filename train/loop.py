@@ -231,15 +231,21 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(ckpt: Path, model, opt, sched) -> Position:
-    state = load_file(ckpt / "trainable.safetensors")
+def load_trainable(model, path: Path) -> None:
+    """Copies the weights of ``path`` (``trainable_state``'s names) into the model's
+    trainable parameters; the file must hold exactly those."""
+    state = load_file(path)
     params = dict(model.named_parameters())
     missing = sorted(set(state) ^ {n for n, p in params.items() if p.requires_grad})
     if missing:
-        raise InputError(f"{ckpt}: trainable weights do not match this model: {missing[:3]}")
+        raise InputError(f"{path}: trainable weights do not match this model: {missing[:3]}")
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
+
+
+def load_checkpoint(ckpt: Path, model, opt, sched) -> Position:
+    load_trainable(model, ckpt / "trainable.safetensors")
     trainer = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     opt.load_state_dict(trainer["optimizer"])
     sched.load_state_dict(trainer["scheduler"])

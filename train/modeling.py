@@ -122,6 +122,11 @@ def _has_chat_template(model_dir: Path) -> bool:
     return tokenizer_config.is_file() and "chat_template" in _read_json(tokenizer_config)
 
 
+def is_full_checkpoint(path: Path) -> bool:
+    """True for a fully fine-tuned model folder (weights and config.json, no LoRA adapter)."""
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
+
+
 def check_model_dir(model_dir: str | Path, *, weights: bool = True) -> Path:
     """Check that ``model_dir`` is a complete Qwen2.5-VL directory; return it as a Path.
 
